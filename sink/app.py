@@ -1,0 +1,204 @@
+"""Assembles a worker from configuration: clients, schema, HTTP endpoints; runs it to the end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import structlog
+from aiokafka import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+
+from sink.clickhouse import ClickHouse, Schema, ServerFeatures
+from sink.config import Config
+from sink.consumer import DeadLetters, ensure_topic, make_consumer, make_producer, security
+from sink.dedup import RedisDedup
+from sink.errors import DependencyError, KafkaUnavailable
+from sink.health import HealthServer
+from sink.metrics import Metrics
+from sink.worker import Worker
+
+T = TypeVar("T")
+log = structlog.get_logger("sink.app")
+
+
+def clickhouse(config: Config) -> ClickHouse:
+    c = config.clickhouse
+    return ClickHouse(
+        c.url.get_secret_value(),
+        connect_timeout=c.connect_timeout,
+        query_timeout=c.query_timeout,
+        compression=c.compression,
+    )
+
+
+async def migrate(config: Config, dry_run: bool = False) -> list[str]:
+    """Create the database, tables and views the worker needs, and the dead-letter topic."""
+    ch = clickhouse(config)
+    try:
+        features = await ch.features()
+        schema = Schema(
+            ch, features, config.clickhouse.events_table, config.clickhouse.offsets_table
+        )
+        if dry_run:
+            return schema.statements()
+        done = await schema.apply()
+    finally:
+        await ch.close()
+    if config.dlq.create:
+        try:
+            await ensure_topic(
+                config, config.dlq_topic, config.dlq.partitions, config.dlq.replication_factor
+            )
+        except KafkaError as exc:
+            raise KafkaUnavailable(f"cannot create dead-letter topic: {exc}") from exc
+    return done
+
+
+class _Stopped(Exception):
+    """Asked to stop while waiting for a dependency at start-up."""
+
+
+async def _until_up(
+    what: str, op: Callable[[], Awaitable[T]], stop: asyncio.Event, config: Config
+) -> T:
+    """Start-up waits for a dependency instead of crash-looping."""
+    delay = config.worker.retry_initial
+    while not stop.is_set():
+        try:
+            return await op()
+        except (DependencyError, KafkaError, OSError) as exc:
+            log.warning("waiting for dependency", dependency=what, error=str(exc)[:300])
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, config.worker.retry_max)
+    raise _Stopped
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.worker.on_partitions_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.worker.on_partitions_assigned(list(assigned))
+
+
+async def run(config: Config, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    try:
+        await _run(config, stop)
+    except _Stopped:
+        log.info("stopped before start-up completed", worker=config.worker.id)
+
+
+async def _run(config: Config, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    log.info("starting", worker=config.worker.id, group=config.kafka.group_id)
+
+    reader, inserter = clickhouse(config), clickhouse(config)
+    features: ServerFeatures | None = await _until_up("clickhouse", reader.features, stop, config)
+    if features is None:
+        return
+    log.info("clickhouse", version=".".join(map(str, features.version)))
+    if (
+        config.worker.migrate_on_start
+        and await _until_up("clickhouse", lambda: migrate(config), stop, config) is None
+    ):
+        return
+
+    store = None
+    if config.dedup.enabled:
+        store = RedisDedup(
+            config.dedup.redis_url.get_secret_value(), config.dedup.ttl, config.dedup.socket_timeout
+        )
+    producer = make_producer(config)
+    consumer = make_consumer(config)
+    metrics = Metrics()
+    worker = Worker(
+        config,
+        consumer=consumer,
+        dead_letters=DeadLetters(producer, config.dlq_topic),
+        store=store,
+        inserter=inserter,
+        reader=reader,
+        time_divisor=features.time_unit,
+        metrics=metrics,
+    )
+    http = HealthServer(worker, metrics.registry, config.http.host, config.http.port)
+    if config.http.enabled:
+        await http.start()
+        log.info("http listening", port=http.port)
+    try:
+        await _until_up("kafka", producer.start, stop, config)
+        await _until_up("kafka", consumer.start, stop, config)
+        listener = _Listener(worker)
+        if config.kafka.topics:
+            consumer.subscribe(topics=list(config.kafka.topics), listener=listener)
+        else:
+            consumer.subscribe(pattern=config.kafka.topics_regex, listener=listener)
+        await worker.run(stop)
+    finally:
+        with contextlib.suppress(Exception):
+            await consumer.stop()
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        if store is not None:
+            with contextlib.suppress(Exception):
+                await store.close()
+        await reader.close()
+        await inserter.close()
+        await http.stop()
+        log.info("stopped", worker=config.worker.id)
+
+
+async def check(config: Config) -> dict[str, str | None]:
+    """Reach every dependency once; the error text per dependency, None where it answered."""
+    results: dict[str, str | None] = {}
+    ch = clickhouse(config)
+    try:
+        features = await ch.features()
+        results["clickhouse"] = None
+        log.info("clickhouse ok", version=".".join(map(str, features.version)))
+    except DependencyError as exc:
+        results["clickhouse"] = str(exc)
+    finally:
+        await ch.close()
+    if config.dedup.enabled:
+        store = RedisDedup(config.dedup.redis_url.get_secret_value(), config.dedup.ttl, 3.0)
+        try:
+            await store.ping()
+            results["redis"] = None
+        except DependencyError as exc:
+            results["redis"] = str(exc)
+        finally:
+            await store.close()
+    results["kafka"] = await _check_kafka(config)
+    return results
+
+
+async def _check_kafka(config: Config) -> str | None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=config.kafka.bootstrap_servers,
+        request_timeout_ms=10_000,
+        **security(config.kafka),
+    )
+    try:
+        await asyncio.wait_for(admin.start(), 15)
+        await asyncio.wait_for(admin.list_topics(), 15)
+        return None
+    except (KafkaError, OSError, TimeoutError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()

@@ -1,0 +1,107 @@
+"""Batches: the decoded records of one or more partitions' contiguous offset ranges.
+
+A batch is the unit of dedup (one Redis call), of insert (one ClickHouse block) and of commit.
+The accumulator fills the open batch; the worker seals it when a trigger fires.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from sink.decode import Event, Rejection
+
+TopicPartition = tuple[str, int]
+
+
+class Item(NamedTuple):
+    """A valid event with its Kafka coordinates and record timestamp."""
+
+    event: Event
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+class Reject(NamedTuple):
+    """A record that goes to the dead-letter topic, with what it needs to be resent."""
+
+    record: Any
+    """The original consumer record (topic, partition, offset, key, value, headers)."""
+    reason: Rejection
+
+
+@dataclass
+class Range:
+    """The contiguous offsets a batch holds for one partition, under one ownership epoch."""
+
+    first: int
+    last: int
+    epoch: int
+
+
+@dataclass
+class Batch:
+    ranges: dict[TopicPartition, Range] = field(default_factory=dict)
+    items: list[Item] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    nbytes: int = 0
+    created: float = field(default_factory=time.monotonic)
+    sealed: float = 0.0
+
+    @property
+    def records(self) -> int:
+        return len(self.items) + len(self.rejects)
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    def extend(self, tp: TopicPartition, epoch: int, first: int, last: int) -> None:
+        span = self.ranges.get(tp)
+        if span is None:
+            self.ranges[tp] = Range(first, last, epoch)
+        else:
+            span.last = last
+
+    def without(self, tps: Iterable[TopicPartition]) -> Batch:
+        """The same batch less every record of the given partitions."""
+        gone = set(tps) & self.ranges.keys()
+        if not gone:
+            return self
+        kept = Batch(created=self.created, sealed=self.sealed)
+        kept.ranges = {tp: r for tp, r in self.ranges.items() if tp not in gone}
+        kept.items = [i for i in self.items if (i.topic, i.partition) not in gone]
+        kept.rejects = [r for r in self.rejects if (r.record.topic, r.record.partition) not in gone]
+        kept.nbytes = self.nbytes * kept.records // max(1, self.records)
+        return kept
+
+    def commit_offsets(self) -> dict[TopicPartition, int]:
+        """Kafka offsets to commit once the batch landed: last + 1 per partition."""
+        return {tp: r.last + 1 for tp, r in self.ranges.items()}
+
+    def tail_offsets(self, landed_rows: Iterable[Item]) -> dict[TopicPartition, int]:
+        """Partitions whose last offset produced no landed row; their landed offset must be
+        written directly, or a restart would replay (and re-dead-letter) the tail."""
+        top: dict[TopicPartition, int] = {}
+        for item in landed_rows:
+            tp = (item.topic, item.partition)
+            if item.offset > top.get(tp, -1):
+                top[tp] = item.offset
+        return {tp: r.last for tp, r in self.ranges.items() if top.get(tp, -1) < r.last}
+
+
+class Triggers(NamedTuple):
+    max_rows: int
+    max_bytes: int
+    max_wait: float
+
+
+def full(batch: Batch, triggers: Triggers) -> bool:
+    return batch.records >= triggers.max_rows or batch.nbytes >= triggers.max_bytes
+
+
+def due(batch: Batch, triggers: Triggers, now: float) -> bool:
+    return bool(batch) and (full(batch, triggers) or now - batch.created >= triggers.max_wait)

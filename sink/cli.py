@@ -1,0 +1,131 @@
+"""Command line: `sink run`, `sink check`, `sink migrate`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from sink import __version__, app, config
+from sink.errors import SinkError
+from sink.logs import configure
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sink", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sink {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the worker until SIGTERM/SIGINT")
+    run.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    run.add_argument(
+        "--workers", type=int, default=1, help="worker processes (one consumer each, same group)"
+    )
+    run.add_argument(
+        "--no-migrate", action="store_true", help="do not create missing tables at start"
+    )
+
+    check = commands.add_parser("check", help="validate configuration, reach dependencies")
+    check.add_argument("-c", "--config", required=True)
+
+    migrate = commands.add_parser("migrate", help="create the ClickHouse schema and DLQ topic")
+    migrate.add_argument("-c", "--config", required=True)
+    migrate.add_argument("--dry-run", action="store_true", help="print the SQL, run nothing")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config.load(args.config)
+        if getattr(args, "no_migrate", False):
+            cfg = cfg.model_copy(
+                update={"worker": cfg.worker.model_copy(update={"migrate_on_start": False})}
+            )
+        configure(cfg.worker.log_level, cfg.worker.log_format)
+        if args.command == "run":
+            if args.workers > 1:
+                return supervise(args, cfg)
+            _event_loop(app.run(cfg), cfg.worker.use_uvloop)
+            return 0
+        if args.command == "check":
+            return _check(cfg)
+        if args.command == "migrate":
+            for sql in _event_loop(app.migrate(cfg, dry_run=args.dry_run), False):
+                print(sql.strip() + ";\n")
+            return 0
+    except SinkError as exc:
+        print(f"sink: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _event_loop(coro: Coroutine[Any, Any, Any], use_uvloop: bool) -> Any:
+    if use_uvloop:
+        try:
+            import uvloop
+
+            return uvloop.run(coro)
+        except ImportError:
+            pass
+    return asyncio.run(coro)
+
+
+def _check(cfg: config.Config) -> int:
+    results = _event_loop(app.check(cfg), False)
+    print("configuration: ok")
+    for name, error in results.items():
+        print(f"{name}: {'ok' if error is None else 'FAILED: ' + error}")
+    return 0 if all(error is None for error in results.values()) else 1
+
+
+def supervise(args: argparse.Namespace, cfg: config.Config) -> int:
+    """Run N worker processes of one group. Each serves HTTP on `http.port + index`; a child
+    that dies is restarted; SIGTERM/SIGINT are passed on and waited for."""
+    stopping = False
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env["SINK__HTTP__PORT"] = str(cfg.http.port + index if cfg.http.port else 0)
+        env["SINK__WORKER__ID"] = f"{cfg.worker.id}-{index}"
+        command = [sys.executable, "-m", "sink", "run", "-c", args.config]
+        if args.no_migrate or index > 0:
+            command.append("--no-migrate")
+        return subprocess.Popen(command, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    children = [spawn(0)]
+    time.sleep(1.0)  # the first child migrates; the rest start behind it
+    children += [spawn(i) for i in range(1, args.workers)]
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        alive = False
+        for index, child in enumerate(children):
+            code = child.poll()
+            if code is None:
+                alive = True
+            elif not stopping:
+                print(f"sink: worker {index} exited with {code}, restarting", file=sys.stderr)
+                children[index] = spawn(index)
+                alive = True
+        if not alive:
+            break
+        time.sleep(0.2)
+    return max((child.returncode or 0) for child in children)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""ClickHouse over the native protocol: server features, schema, columnar inserts, landed offsets.
+
+The schema works on ClickHouse 18.16 and on current servers; newer column types are used only
+where the server version has them (`ServerFeatures`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from asynch.errors import ClickHouseException, ColumnException, ServerException
+from asynch.proto.connection import Connection as NativeConnection
+from asynch.proto.utils.dsn import parse_dsn
+
+from sink.errors import ClickHouseRejected, ClickHouseUnavailable, ConfigError
+
+# Server error codes that mean "these rows can never be stored as they are": bisect and
+# dead-letter. Everything else (parts, memory, readonly, network, unknown) is retried.
+DATA_ERROR_CODES = frozenset(
+    {
+        6,  # CANNOT_PARSE_TEXT
+        27,  # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+        38,  # CANNOT_PARSE_DATE
+        41,  # CANNOT_PARSE_DATETIME
+        53,  # TYPE_MISMATCH
+        69,  # ARGUMENT_OUT_OF_BOUND
+        70,  # CANNOT_CONVERT_TYPE
+        72,  # CANNOT_PARSE_NUMBER
+        117,  # INCORRECT_DATA
+        131,  # TOO_LARGE_STRING_SIZE
+        321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+        395,  # FUNCTION_THROW_IF_VALUE_IS_NON_ZERO
+        469,  # VIOLATED_CONSTRAINT
+    }
+)
+
+_ENCODING_ERRORS = (TypeError, ValueError, OverflowError, UnicodeError, KeyError, struct.error)
+
+EVENT_COLUMNS = (
+    "namespace",
+    "id",
+    "type",
+    "source",
+    "subject",
+    "time",
+    "data",
+    "ingested_at",
+    "validation_error",
+    "_topic",
+    "_partition",
+    "_offset",
+)
+OFFSET_COLUMNS = ("_topic", "_partition", "_offset")
+
+
+@dataclass(frozen=True)
+class ServerFeatures:
+    """What the connected server supports, derived from its version."""
+
+    version: tuple[int, ...]
+
+    @property
+    def datetime64(self) -> bool:
+        return self.version >= (20, 1)
+
+    @property
+    def low_cardinality(self) -> bool:
+        return self.version >= (20, 1)
+
+    @property
+    def json_extract(self) -> bool:
+        return self.version >= (20, 1)
+
+    @property
+    def dedup_token(self) -> bool:
+        """`insert_deduplication_token` with `non_replicated_deduplication_window`."""
+        return self.version >= (22, 4)
+
+    @property
+    def time_unit(self) -> int:
+        """Divisor from epoch milliseconds to the stored time column's unit."""
+        return 1 if self.datetime64 else 1000
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    parts = re.findall(r"\d+", text)[:3]
+    return tuple(int(p) for p in parts) or (0,)
+
+
+def quote(value: str) -> str:
+    """A ClickHouse string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class ClickHouse:
+    """One native connection with timeouts, error classification and reconnect on failure.
+
+    A connection serves one query at a time; callers that run concurrently each own one.
+    """
+
+    def __init__(
+        self, url: str, *, connect_timeout: float, query_timeout: float, compression: str = "none"
+    ) -> None:
+        try:
+            params = parse_dsn(url)
+        except Exception as exc:  # the driver raises its own DSNError or ValueError
+            raise ConfigError(f"clickhouse.url: {exc}") from None
+        self.database: str = params.pop("database", "default")
+        params.setdefault("connect_timeout", connect_timeout)
+        params.setdefault("send_receive_timeout", query_timeout)
+        if compression != "none":
+            params["compression"] = compression
+        self._params = params
+        self._query_timeout = query_timeout
+        self._conn: NativeConnection | None = None
+
+    def table(self, name: str) -> str:
+        return f"`{self.database}`.`{name}`"
+
+    async def _connection(self) -> NativeConnection:
+        if self._conn is None:
+            self._conn = NativeConnection(**self._params)  # type: ignore[no-untyped-call]
+        return self._conn
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    async def _run(self, query: str, **kwargs: Any) -> Any:
+        conn = await self._connection()
+        try:
+            return await asyncio.wait_for(conn.execute(query, **kwargs), self._query_timeout)
+        except ServerException as exc:
+            if exc.code in DATA_ERROR_CODES:
+                raise ClickHouseRejected(str(exc), exc.code) from exc
+            await self._drop()
+            raise ClickHouseUnavailable(f"server error {exc.code}: {exc}") from exc
+        except (ColumnException, *_ENCODING_ERRORS) as exc:
+            # Raised while serialising a column: these rows cannot be encoded for this table.
+            await self._drop()
+            raise ClickHouseRejected(f"cannot encode rows: {type(exc).__name__}: {exc}") from exc
+        except ClickHouseException as exc:
+            await self._drop()
+            if getattr(exc, "code", None) in DATA_ERROR_CODES:
+                raise ClickHouseRejected(str(exc), exc.code) from exc
+            raise ClickHouseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except (OSError, EOFError, TimeoutError) as exc:
+            await self._drop()
+            raise ClickHouseUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except asyncio.CancelledError:
+            await self._drop()
+            raise
+
+    async def query(self, sql: str) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = await self._run(sql)
+        return rows
+
+    async def execute(self, sql: str) -> None:
+        await self._run(sql)
+
+    async def insert_columns(
+        self,
+        table: str,
+        columns: Sequence[str],
+        data: Sequence[list[Any]],
+        settings: Mapping[str, Any] | None = None,
+    ) -> int:
+        """One INSERT of one columnar block."""
+        sql = f"INSERT INTO {self.table(table)} ({', '.join(columns)}) VALUES"
+        inserted: int = await self._run(
+            sql, args=data, columnar=True, settings=dict(settings or {}), types_check=False
+        )
+        return inserted
+
+    async def features(self) -> ServerFeatures:
+        rows = await self.query("SELECT version()")
+        return ServerFeatures(parse_version(str(rows[0][0])))
+
+    async def ping(self) -> None:
+        await self.query("SELECT 1")
+
+    async def close(self) -> None:
+        await self._drop()
+
+
+class Schema:
+    """DDL for the raw events table, the landed-offsets table and the view between them."""
+
+    def __init__(
+        self, ch: ClickHouse, features: ServerFeatures, events_table: str, offsets_table: str
+    ) -> None:
+        self.ch = ch
+        self.features = features
+        self.events_table = events_table
+        self.offsets_table = offsets_table
+
+    @property
+    def offsets_view(self) -> str:
+        return f"{self.events_table}_to_{self.offsets_table}"
+
+    def _lc(self, type_: str) -> str:
+        return f"LowCardinality({type_})" if self.features.low_cardinality else type_
+
+    def _time(self) -> str:
+        return "DateTime64(3, 'UTC')" if self.features.datetime64 else "DateTime('UTC')"
+
+    def statements(self) -> list[str]:
+        events = self.ch.table(self.events_table)
+        offsets = self.ch.table(self.offsets_table)
+        view = self.ch.table(self.offsets_view)
+        lc_string = self._lc("String")
+        return [
+            f"CREATE DATABASE IF NOT EXISTS `{self.ch.database}`",
+            f"""CREATE TABLE IF NOT EXISTS {events} (
+    namespace {lc_string},
+    id String,
+    type {lc_string},
+    source String,
+    subject String,
+    time {self._time()},
+    data String,
+    ingested_at {self._time()},
+    stored_at DateTime('UTC') DEFAULT now(),
+    validation_error String,
+    _topic {lc_string},
+    _partition UInt32,
+    _offset UInt64
+) ENGINE = MergeTree()
+PARTITION BY toYYYYMM(time)
+ORDER BY (namespace, type, subject, time, _topic, _partition, _offset)""",
+            f"""CREATE TABLE IF NOT EXISTS {offsets} (
+    _topic String,
+    _partition UInt32,
+    _offset UInt64,
+    updated_at DateTime('UTC') DEFAULT now()
+) ENGINE = ReplacingMergeTree(_offset)
+ORDER BY (_topic, _partition)""",
+            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {offsets} AS
+SELECT _topic, _partition, max(_offset) AS _offset, now() AS updated_at
+FROM {events}
+GROUP BY _topic, _partition""",
+        ]
+
+    async def apply(self) -> list[str]:
+        """Create what is missing; returns the statements run (all idempotent)."""
+        done = []
+        for sql in self.statements():
+            await self.ch.execute(sql)
+            done.append(sql)
+        return done
+
+
+class OffsetStore:
+    """Reads and writes landed offsets in ClickHouse, the source of truth for what landed."""
+
+    def __init__(self, ch: ClickHouse, offsets_table: str) -> None:
+        self.ch = ch
+        self.table = offsets_table
+
+    async def landed(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        if not topics:
+            return {}
+        names = ", ".join(quote(t) for t in sorted(set(topics)))
+        rows = await self.ch.query(
+            f"SELECT _topic, _partition, max(_offset) FROM {self.ch.table(self.table)} "
+            f"WHERE _topic IN ({names}) GROUP BY _topic, _partition"
+        )
+        return {(str(t), int(p)): int(o) for t, p, o in rows}
+
+    async def record(self, landed: Mapping[tuple[str, int], int]) -> None:
+        """Write offsets of ranges that produced no raw rows (duplicates, dead letters)."""
+        if not landed:
+            return
+        items = sorted(landed.items())
+        data: list[list[Any]] = [
+            [t for (t, _), _ in items],
+            [p for (_, p), _ in items],
+            [o for _, o in items],
+        ]
+        await self.ch.insert_columns(self.table, OFFSET_COLUMNS, data)
+
+
+def event_columns(items: Sequence[Any], time_divisor: int) -> list[list[Any]]:
+    """Columnar block for EVENT_COLUMNS from batch items (`sink.batch.Item`)."""
+    namespace, ids, types, sources, subjects, times, data = [], [], [], [], [], [], []
+    ingested, errors, topics, partitions, offsets = [], [], [], [], []
+    for event, topic, partition, offset, timestamp_ms in items:
+        namespace.append(event.namespace)
+        ids.append(event.id)
+        types.append(event.type)
+        sources.append(event.source)
+        subjects.append(event.subject)
+        times.append(event.time_ms // time_divisor)
+        data.append(event.data)
+        ingested.append(max(0, timestamp_ms) // time_divisor)
+        errors.append("")
+        topics.append(topic)
+        partitions.append(partition)
+        offsets.append(offset)
+    return [
+        namespace,
+        ids,
+        types,
+        sources,
+        subjects,
+        times,
+        data,
+        ingested,
+        errors,
+        topics,
+        partitions,
+        offsets,
+    ]

@@ -1,0 +1,275 @@
+"""Configuration: one validated, frozen model, loaded once from YAML plus environment overrides.
+
+Every key can be overridden by an environment variable `SINK__<SECTION>__<KEY>`; the value is
+read as a YAML scalar or flow collection, so `SINK__KAFKA__TOPICS='[a, b]'` gives a list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from sink.errors import ConfigError
+
+ENV_PREFIX = "SINK__"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kib|mib|gib|kb|mb|gb)?\s*$", re.IGNORECASE)
+_UNIT_BYTES = {
+    None: 1,
+    "b": 1,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+}
+
+
+def _parse_duration(value: Any) -> Any:
+    """Seconds as a number, or a string such as `500ms`, `30s`, `5m`, `32d`."""
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("a duration such as 500ms, 30s, 5m, 2h or 32d")
+        return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    return value
+
+
+def _parse_size(value: Any) -> Any:
+    """Bytes as an integer, or a string such as `16MiB`, `64KiB`."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            raise ValueError("a size such as 65536, 64KiB or 16MiB")
+        unit = match.group(2).lower() if match.group(2) else None
+        return int(match.group(1)) * _UNIT_BYTES[unit]
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(gt=0)]
+Size = Annotated[int, BeforeValidator(_parse_size), Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "localhost:9092"
+    group_id: str = "sink"
+    client_id: str = "sink"
+    topics: tuple[str, ...] | None = None
+    topics_regex: str = r"^om_(?P<namespace>.+)_events$"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout: Duration = 10.0
+    heartbeat_interval: Duration = 3.0
+    max_poll_interval: Duration = 300.0
+    fetch_max_bytes: Size = 50 * 1024**2
+    max_partition_fetch_bytes: Size = 4 * 1024**2
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_check_hostname: bool = True
+
+    @field_validator("topics_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"a valid regular expression ({exc})") from exc
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _topics_not_empty(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (not value or any(not t.strip() for t in value)):
+            raise ValueError("a non-empty list of topic names")
+        return value
+
+
+class EventsConfig(_Section):
+    max_event_bytes: Size = 1024 * 1024
+    namespace_header: str | None = None
+    """If set, a record header of this name gives the namespace (before the topic regex)."""
+
+
+class DedupConfig(_Section):
+    enabled: bool = True
+    redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    ttl: Duration = 32 * 86400.0
+    on_error: Literal["block", "allow-duplicates"] = "block"
+    key_prefix: str = "sink:dedup:"
+    socket_timeout: Duration = 5.0
+
+
+class ClickHouseConfig(_Section):
+    url: SecretStr = SecretStr("clickhouse://default:@localhost:9000/default")
+    events_table: str = "events"
+    offsets_table: str = "sink_offsets"
+    insert_settings: dict[str, int | str | float] = Field(default_factory=dict)
+    compression: Literal["none", "lz4", "zstd"] = "none"
+    connect_timeout: Duration = 5.0
+    query_timeout: Duration = 60.0
+
+    @field_validator("events_table", "offsets_table")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("a plain table name (letters, digits and underscores)")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("clickhouse://", "clickhouses://")):
+            raise ValueError("a URL clickhouse://user:password@host:port/database")
+        return value
+
+
+class BatchConfig(_Section):
+    max_rows: int = Field(default=50_000, gt=0)
+    max_bytes: Size = 32 * 1024**2
+    max_wait: Duration = 1.0
+    max_in_flight: int = Field(default=200_000, gt=0)
+    """Rows held in memory at most (buffered plus being flushed); partitions pause above it."""
+
+    @model_validator(mode="after")
+    def _in_flight_holds_a_batch(self) -> BatchConfig:
+        if self.max_in_flight < self.max_rows:
+            raise ValueError(
+                f"batch.max_in_flight ({self.max_in_flight}) must be at least "
+                f"batch.max_rows ({self.max_rows})"
+            )
+        return self
+
+
+class DlqConfig(_Section):
+    topic: str | None = None
+    """Dead-letter topic; default `<kafka.group_id>.dlq`."""
+    create: bool = True
+    partitions: int = Field(default=1, gt=0)
+    replication_factor: int = Field(default=1, gt=0)
+
+
+class HttpConfig(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class WorkerConfig(_Section):
+    id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    drain_timeout: Duration = 30.0
+    retry_initial: Duration = 0.2
+    retry_max: Duration = 10.0
+    migrate_on_start: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    use_uvloop: bool = True
+
+
+class Config(_Section):
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    clickhouse: ClickHouseConfig = Field(default_factory=ClickHouseConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    dlq: DlqConfig = Field(default_factory=DlqConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+
+    @property
+    def dlq_topic(self) -> str:
+        return self.dlq.topic or f"{self.kafka.group_id}.dlq"
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [part.lower() for part in name[len(ENV_PREFIX) :].split("__") if part]
+        if len(path) < 2:
+            raise ConfigError(
+                f"{name}: expected SINK__<SECTION>__<KEY>, for example SINK__KAFKA__GROUP_ID"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{name}: {'.'.join(path[:-1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(root)"
+        value = item.get("input")
+        if "secret" in key or "password" in key or key.endswith("url"):
+            shown = "<hidden>"
+        else:
+            shown = repr(value)
+        lines.append(f"  {key} = {shown}: {item['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a mapping (plus environment overrides) into a Config, or raise ConfigError."""
+    merged = _apply_env(_deep_copy(data), os.environ if environ is None else environ)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def load(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read a YAML file (or nothing) and apply environment overrides."""
+    data: Any = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {file}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file}: expected a mapping of sections at the top level")
+    return build(data, environ)
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        key: _deep_copy(value) if isinstance(value, Mapping) else value
+        for key, value in data.items()
+    }

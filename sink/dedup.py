@@ -1,0 +1,193 @@
+"""Replay-safe deduplication by event identity `(namespace, source, id)`.
+
+A marker key (the hashed identity) holds the coordinates `topic:partition:offset` of the record
+that claimed it. Claiming answers, per key, the coordinates that hold the marker afterwards:
+
+- the key was absent: this record claimed it, it is the holder: keep it;
+- the key holds this record's own coordinates: a replay after a crash: keep it;
+- the key holds other coordinates: a real duplicate: drop it.
+
+So one rule decides: keep the record whose coordinates hold the marker. Claiming before the
+insert is then safe: records replayed after a crash find their own marks. Repeats inside one
+batch are grouped in memory and only the first is sent; if the marker turns out to be held by
+a later repeat of the same batch (a replay whose order changed), that repeat is kept instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import redis.asyncio as redis_async
+import xxhash
+from redis.exceptions import RedisError
+
+from sink.errors import RedisUnavailable
+
+# One atomic SET NX GET EX per identity, all in one script call per batch (Redis >= 7.0).
+_CLAIM = """
+local ttl = ARGV[1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local coords = ARGV[i + 1]
+  local previous = redis.call('SET', key, coords, 'NX', 'GET', 'EX', ttl)
+  if previous then
+    out[i] = previous
+  else
+    out[i] = coords
+  end
+end
+return out
+"""
+
+# Delete a marker only while it still holds the releasing record's coordinates.
+_RELEASE = """
+local n = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i] then
+    redis.call('DEL', key)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# A script call blocks Redis while it runs; split very large batches.
+_CHUNK = 10_000
+
+
+def identity_key(prefix: bytes, namespace: str, source: str, event_id: str) -> bytes:
+    """Short, collision-safe key: the separator byte cannot occur in the hashed fields' framing."""
+    framed = f"{len(namespace)}:{namespace}{len(source)}:{source}{event_id}".encode(
+        "utf-8", "surrogatepass"
+    )
+    return prefix + xxhash.xxh3_128_digest(framed)
+
+
+def coordinates(topic: str, partition: int, offset: int) -> bytes:
+    return f"{topic}:{partition}:{offset}".encode()
+
+
+class DedupStore(Protocol):
+    """Claims identities for records and releases claims of records that were dead-lettered."""
+
+    async def claim(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> list[bytes]:
+        """Claim each key for its coordinates; return the coordinates holding each key."""
+        ...
+
+    async def release(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> int: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryDedup:
+    """In-process store with the same rule; for unit tests and single-process trials."""
+
+    def __init__(self) -> None:
+        self.markers: dict[bytes, bytes] = {}
+
+    async def claim(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> list[bytes]:
+        return [self.markers.setdefault(k, c) for k, c in zip(keys, coords, strict=True)]
+
+    async def release(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> int:
+        released = 0
+        for key, mine in zip(keys, coords, strict=True):
+            if self.markers.get(key) == mine:
+                del self.markers[key]
+                released += 1
+        return released
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisDedup:
+    """The production store: one Lua call per batch (chunked), markers expire after `ttl`."""
+
+    def __init__(self, url: str, ttl_seconds: float, socket_timeout: float = 5.0) -> None:
+        self._client = redis_async.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            retry_on_timeout=False,
+            health_check_interval=30,
+        )
+        self._ttl = str(max(1, int(ttl_seconds)))
+        self._claim = self._client.register_script(_CLAIM)
+        self._release = self._client.register_script(_RELEASE)
+
+    async def claim(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> list[bytes]:
+        holders: list[bytes] = []
+        try:
+            for start in range(0, len(keys), _CHUNK):
+                chunk_keys = keys[start : start + _CHUNK]
+                chunk_coords = coords[start : start + _CHUNK]
+                result = await self._claim(keys=chunk_keys, args=[self._ttl, *chunk_coords])
+                holders.extend(result)
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(f"dedup claim failed: {exc}") from exc
+        return holders
+
+    async def release(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> int:
+        if not keys:
+            return 0
+        try:
+            return int(await self._release(keys=list(keys), args=list(coords)))
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(f"dedup release failed: {exc}") from exc
+
+    async def ping(self) -> None:
+        try:
+            await self._client.ping()
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(f"redis ping failed: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class Grouped(NamedTuple):
+    """A batch's items grouped by identity, ready for one claim call."""
+
+    keys: list[bytes]
+    coords: list[bytes]
+    """Coordinates of the first occurrence of each key: what is claimed."""
+    occurrences: list[list[Any]]
+    """Every item of each key, in batch order."""
+
+
+def group(items: Sequence[Any], prefix: bytes) -> Grouped:
+    index: dict[bytes, int] = {}
+    grouped = Grouped([], [], [])
+    for item in items:
+        event = item.event
+        key = identity_key(prefix, event.namespace, event.source, event.id)
+        slot = index.get(key)
+        if slot is None:
+            index[key] = len(grouped.keys)
+            grouped.keys.append(key)
+            grouped.coords.append(coordinates(item.topic, item.partition, item.offset))
+            grouped.occurrences.append([item])
+        else:
+            grouped.occurrences[slot].append(item)
+    return grouped
+
+
+def keep(grouped: Grouped, holders: Sequence[bytes]) -> list[Any]:
+    """The items whose coordinates hold their identity's marker, in batch order of identity."""
+    kept = []
+    for first_coords, holder, items in zip(
+        grouped.coords, holders, grouped.occurrences, strict=True
+    ):
+        if holder == first_coords:
+            kept.append(items[0])
+        elif len(items) > 1:
+            kept.extend(
+                i for i in items[1:] if coordinates(i.topic, i.partition, i.offset) == holder
+            )
+    return kept

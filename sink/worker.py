@@ -1,0 +1,625 @@
+"""The worker: poll, decode, batch; then land each batch and commit, exactly once.
+
+Two tasks share the state. The poll loop fetches records, decodes them into the open batch,
+seals batches when a trigger fires and pauses partitions when memory or a dependency says so;
+it never blocks on ClickHouse or Redis, so the consumer stays in its group. The flusher lands
+sealed batches one at a time, in order; `Worker._land` is the whole commit order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+import structlog
+from aiokafka import TopicPartition as KafkaTP
+from aiokafka.errors import KafkaError
+
+from sink import decode as decoding
+from sink import dedup
+from sink.batch import Batch, Item, Reject, TopicPartition, Triggers, due
+from sink.clickhouse import EVENT_COLUMNS, ClickHouse, OffsetStore, event_columns
+from sink.config import Config
+from sink.consumer import DeadLetters, Namespaces
+from sink.errors import ClickHouseRejected, DependencyError, RedisUnavailable
+from sink.metrics import Metrics
+from sink.offsets import Assignments
+
+T = TypeVar("T")
+log = structlog.get_logger("sink.worker")
+
+READY_DEPENDENCY_GRACE = 30.0
+"""Readiness fails once a dependency has been failing this long (seconds)."""
+READY_STALL_AFTER = 60.0
+"""Readiness fails when partitions have lag and nothing landed for this long (seconds)."""
+
+
+class Abandoned(Exception):
+    """The batch lost every partition it held while waiting; nothing of it may be inserted."""
+
+
+@dataclass
+class DependencyState:
+    up: bool = True
+    since: float = field(default_factory=time.monotonic)
+    error: str = ""
+
+
+class FreezeClock:
+    """Notices when the whole process stopped running (SIGSTOP, a VM pause, a long GC).
+
+    After such a freeze the group may have moved our partitions elsewhere without the
+    consumer knowing yet; inserts wait one session timeout so a revoke can arrive first.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+        self.last_tick = time.monotonic()
+        self.last_freeze = float("-inf")
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(min(0.1, self.threshold / 4))
+            self.check()
+
+    def check(self) -> float:
+        """Time of the last freeze seen (now, if one is under way)."""
+        now = time.monotonic()
+        if now - self.last_tick > self.threshold:
+            self.last_freeze = now
+        self.last_tick = now
+        return self.last_freeze
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        consumer: Any,
+        dead_letters: DeadLetters,
+        store: dedup.DedupStore | None,
+        inserter: ClickHouse,
+        reader: ClickHouse,
+        time_divisor: int,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.consumer = consumer
+        self.dead_letters = dead_letters
+        self.store = store
+        self.inserter = inserter
+        self.offsets = OffsetStore(reader, config.clickhouse.offsets_table)
+        self.landing_offsets = OffsetStore(inserter, config.clickhouse.offsets_table)
+        self.time_divisor = time_divisor
+        self.metrics = metrics
+        self.triggers = Triggers(
+            config.batch.max_rows, config.batch.max_bytes, config.batch.max_wait
+        )
+        self.namespaces = Namespaces(config.kafka.topics_regex, config.events.namespace_header)
+        self.key_prefix = config.dedup.key_prefix.encode()
+        self.assignments = Assignments()
+        self.clock = FreezeClock(threshold=max(0.5, config.kafka.session_timeout / 4))
+        self.log = log.bind(worker=config.worker.id)
+
+        self._open = Batch()
+        self._sealed: deque[Batch] = deque()
+        self._flushing: Batch | None = None
+        self._wake_flusher = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._paused: set[TopicPartition] = set()
+        self._blocked_on: str | None = None
+        self._stopping = False
+        self._dependencies = {name: DependencyState() for name in ("kafka", "redis", "clickhouse")}
+        self._last_landed = time.monotonic()
+        self._last_flush: dict[str, Any] = {}
+        self._errors: deque[dict[str, Any]] = deque(maxlen=20)
+        self._lag: dict[TopicPartition, int] = {}
+
+    # ---------------------------------------------------------------- rebalance listener
+
+    async def on_partitions_assigned(self, assigned: Sequence[KafkaTP]) -> None:
+        tps = [(tp.topic, tp.partition) for tp in assigned]
+        self.assignments.assign(tps)
+        if assigned:
+            self.consumer.pause(*assigned)
+        self._paused.update(tps)
+        self.metrics.rebalances.inc()
+        self.metrics.assigned.set(len(self.assignments.epochs))
+        self.log.info("partitions assigned", partitions=_names(tps))
+
+    async def on_partitions_revoked(self, revoked: Sequence[KafkaTP]) -> None:
+        tps = [(tp.topic, tp.partition) for tp in revoked]
+        if not tps:
+            return
+        # Land what we hold before the partitions move, so the next owner starts after it.
+        self._seal()
+        try:
+            await asyncio.wait_for(self._drained(), self.config.worker.drain_timeout)
+        except TimeoutError:
+            self.log.warning(
+                "revoke: could not land in time, next owner replays", partitions=_names(tps)
+            )
+        self.assignments.revoke(tps)
+        self._forget(tps)
+        for topic, partition in tps:
+            self.metrics.forget_partition(topic, partition)
+        self.metrics.assigned.set(len(self.assignments.epochs))
+        self.log.info("partitions revoked", partitions=_names(tps))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self._poll_loop(), name="poll"),
+            asyncio.create_task(self._flush_loop(), name="flush"),
+            asyncio.create_task(self.clock.run(), name="clock"),
+            asyncio.create_task(self._lag_loop(), name="lag"),
+        ]
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopped and task.exception() is not None:
+                self.log.error("task failed", task=task.get_name(), error=repr(task.exception()))
+        await self._drain(tasks[0])
+        for task in [stopped, *tasks]:
+            task.cancel()
+        await asyncio.gather(stopped, *tasks, return_exceptions=True)
+
+    async def _drain(self, poll: asyncio.Task[None]) -> None:
+        """Stop fetching, land what is held, within the drain timeout."""
+        self._stopping = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(poll, 5)
+        self._seal()
+        try:
+            await asyncio.wait_for(self._drained(), self.config.worker.drain_timeout)
+            self.log.info("drained")
+        except TimeoutError:
+            self.log.warning("drain timeout: unlanded records will be replayed by the next owner")
+
+    async def _drained(self) -> None:
+        while self._sealed or self._flushing is not None:
+            self._idle.clear()
+            self._wake_flusher.set()
+            await self._idle.wait()
+
+    # ---------------------------------------------------------------- poll side
+
+    async def _poll_loop(self) -> None:
+        delay = self.config.worker.retry_initial
+        while not self._stopping:
+            if self.assignments.pending:
+                await self._position_pending()
+            try:
+                fetched = await self.consumer.getmany(
+                    timeout_ms=100, max_records=self.triggers.max_rows
+                )
+                delay = self.config.worker.retry_initial
+                self._dependency_ok("kafka")
+            except KafkaError as exc:
+                self._dependency_failed("kafka", exc)
+                await asyncio.sleep(_jitter(delay))
+                delay = min(delay * 2, self.config.worker.retry_max)
+                continue
+            for ktp, records in fetched.items():
+                tp = (ktp.topic, ktp.partition)
+                epoch = self.assignments.epochs.get(tp)
+                if records and epoch is not None and tp not in self.assignments.pending:
+                    self._add(tp, epoch, records)
+            self._maybe_seal()
+            self._backpressure()
+
+    def _add(self, tp: TopicPartition, epoch: int, records: Sequence[Any]) -> None:
+        batch, topic, partition = self._open, tp[0], tp[1]
+        max_bytes = self.config.events.max_event_bytes
+        namespace = self.namespaces.of_topic(topic)
+        by_header = self.config.events.namespace_header is not None
+        items, rejects = batch.items, batch.rejects
+        nbytes = 0
+        for record in records:
+            value = record.value
+            nbytes += len(value) if value else 0
+            if by_header:
+                namespace = self.namespaces.of_record(topic, record.headers)
+            result = decoding.decode(value, namespace, max_bytes)
+            if type(result) is decoding.Event:
+                items.append(Item(result, topic, partition, record.offset, record.timestamp))
+            else:
+                rejects.append(Reject(record, result))  # type: ignore[arg-type]
+        batch.nbytes += nbytes
+        batch.extend(tp, epoch, records[0].offset, records[-1].offset)
+        self.metrics.consumed.labels(topic).inc(len(records))
+
+    def _maybe_seal(self) -> None:
+        if due(self._open, self.triggers, time.monotonic()):
+            self._seal()
+
+    def _seal(self) -> None:
+        if self._open:
+            self._open.sealed = time.monotonic()
+            self._sealed.append(self._open)
+            self._open = Batch()
+            self._wake_flusher.set()
+
+    def _in_flight(self) -> tuple[int, int]:
+        batches = [self._open, *self._sealed]
+        if self._flushing is not None:
+            batches.append(self._flushing)
+        return sum(b.records for b in batches), sum(b.nbytes for b in batches)
+
+    def _backpressure(self) -> None:
+        rows, nbytes = self._in_flight()
+        self.metrics.in_flight_rows.set(rows)
+        self.metrics.in_flight_bytes.set(nbytes)
+        hold = rows >= self.config.batch.max_in_flight or self._blocked_on is not None
+        held = set(self.assignments.epochs)
+        want = held if hold else set(self.assignments.pending)
+        to_pause, to_resume = want - self._paused, (self._paused & held) - want
+        if to_pause:
+            self.consumer.pause(*(KafkaTP(t, p) for t, p in to_pause))
+        if to_resume:
+            self.consumer.resume(*(KafkaTP(t, p) for t, p in to_resume))
+        self._paused = want
+        self.metrics.paused.set(len(want))
+
+    async def _position_pending(self) -> None:
+        # A partition whose older batch is still being inserted waits: reading its landed
+        # offset now would miss that batch.
+        busy = set(self._flushing.ranges) if self._flushing is not None else set()
+        tps = [tp for tp in self.assignments.pending if tp not in busy]
+        if not tps:
+            return
+        try:
+            landed = await self.offsets.landed([t for t, _ in tps])
+            self._dependency_ok("clickhouse")
+        except DependencyError as exc:
+            self._dependency_failed("clickhouse", exc)
+            await asyncio.sleep(_jitter(self.config.worker.retry_initial))
+            return
+        for (topic, partition), offset in self.assignments.position(tps, landed).items():
+            self.consumer.seek(KafkaTP(topic, partition), offset)
+            self.metrics.landed_offset.labels(topic, str(partition)).set(offset - 1)
+        self.log.info(
+            "positioned from landed offsets",
+            partitions=_names(tps),
+            landed={f"{t}/{p}": o for (t, p), o in landed.items() if (t, p) in tps},
+        )
+
+    def _forget(self, tps: Sequence[TopicPartition]) -> None:
+        """Drop everything held for partitions we no longer own."""
+        self._open = self._open.without(tps)
+        self._sealed = deque(b.without(tps) for b in self._sealed)
+        self._sealed = deque(b for b in self._sealed if b)
+        self._paused -= set(tps)
+        for tp in tps:
+            self._lag.pop(tp, None)
+
+    # ---------------------------------------------------------------- flush side
+
+    async def _flush_loop(self) -> None:
+        while True:
+            if not self._sealed:
+                self._idle.set()
+                self._wake_flusher.clear()
+                await self._wake_flusher.wait()
+                continue
+            batch = self._sealed.popleft()
+            self._flushing = batch
+            try:
+                await self._land(batch)
+            except Abandoned:
+                self.metrics.batches_dropped.inc()
+                self.log.info("batch dropped: partitions moved", ranges=_ranges(batch))
+            finally:
+                self._flushing = None
+
+    async def _land(self, batch: Batch) -> None:
+        """The commit order: dedup -> dead letters -> fence -> insert -> landed offsets ->
+        Kafka commit. Each step retries its dependency until it answers; a batch whose
+        partitions all moved away is abandoned (the next owner replays it)."""
+        started = time.monotonic()
+        kept = await self._deduplicate(batch)
+        await self._retry(lambda: self.dead_letters.send(batch.rejects), batch)
+        landed, poisoned = await self._insert(batch, kept)
+        batch = batch.without(self.assignments.lost(batch))
+        tail = batch.tail_offsets(landed)
+        await self._retry(lambda: self.landing_offsets.record(tail), batch)
+        self.assignments.advance({tp: r.last for tp, r in batch.ranges.items()})
+        await self._commit(batch)
+        self._landed_batch(batch, landed, poisoned, time.monotonic() - started)
+
+    async def _deduplicate(self, batch: Batch) -> list[Item]:
+        if self.store is None or not batch.items:
+            return batch.items
+        grouped = dedup.group(batch.items, self.key_prefix)
+        store = self.store
+        t0 = time.monotonic()
+        try:
+            holders = await self._retry(
+                lambda: store.claim(grouped.keys, grouped.coords),
+                batch,
+                give_up=self.config.dedup.on_error == "allow-duplicates",
+            )
+        except RedisUnavailable:
+            self.metrics.dedup_bypassed.inc(len(grouped.keys))
+            self.log.warning("dedup bypassed: redis unavailable", events=len(grouped.keys))
+            return [occ[0] for occ in grouped.occurrences]
+        self.metrics.dedup_seconds.observe(time.monotonic() - t0)
+        return dedup.keep(grouped, holders)
+
+    async def _insert(self, batch: Batch, items: list[Item]) -> tuple[list[Item], list[Item]]:
+        """Insert rows in one block; on a data error, bisect to isolate the rows ClickHouse
+        refuses and dead-letter them. Halves are inserted in order, so a partition's landed
+        offset never jumps over rows that have not landed."""
+        if not items:
+            return [], []
+        try:
+            await self._insert_block(batch, items)
+            return items, []
+        except ClickHouseRejected as exc:
+            if len(items) == 1:
+                await self._dead_letter_rows(batch, items, str(exc))
+                return [], items
+        mid = len(items) // 2
+        left_ok, left_bad = await self._insert(batch, items[:mid])
+        right_ok, right_bad = await self._insert(batch, items[mid:])
+        return left_ok + right_ok, left_bad + right_bad
+
+    async def _insert_block(self, batch: Batch, items: list[Item]) -> None:
+        async def attempt() -> None:
+            rows = await self._fence(batch, items)
+            if not rows:
+                return
+            data = event_columns(rows, self.time_divisor)
+            t0 = time.monotonic()
+            await self.inserter.insert_columns(
+                self.config.clickhouse.events_table,
+                EVENT_COLUMNS,
+                data,
+                self.config.clickhouse.insert_settings,
+            )
+            self.metrics.insert_seconds.observe(time.monotonic() - t0)
+
+        await self._retry(attempt, batch)
+
+    async def _fence(self, batch: Batch, items: list[Item]) -> list[Item]:
+        """Rows of `items` this worker may still insert, checked right before the insert."""
+        freeze = self.clock.check()
+        settle = self.config.kafka.session_timeout + self.config.kafka.heartbeat_interval
+        while time.monotonic() - freeze < settle:
+            # The process was frozen: give the group time to revoke before trusting epochs.
+            await asyncio.sleep(0.2)
+            freeze = self.clock.check()
+        lost = set(self.assignments.lost(batch))
+        if len(lost) == len(batch.ranges):
+            raise Abandoned
+        if not lost:
+            return items
+        return [i for i in items if (i.topic, i.partition) not in lost]
+
+    async def _dead_letter_rows(self, batch: Batch, items: list[Item], why: str) -> None:
+        """Rows ClickHouse refused: rebuild the event, dead-letter it, release its marker."""
+        rejects = [
+            Reject(_Rebuilt(i), decoding.Rejection(decoding.REJECTED_BY_CLICKHOUSE, why[:500]))
+            for i in items
+        ]
+        await self._retry(lambda: self.dead_letters.send(rejects), batch)
+        self.metrics.dead_letters.labels(decoding.REJECTED_BY_CLICKHOUSE).inc(len(items))
+        if self.store is not None:
+            store = self.store
+            keys = [
+                dedup.identity_key(self.key_prefix, i.event.namespace, i.event.source, i.event.id)
+                for i in items
+            ]
+            coords = [dedup.coordinates(i.topic, i.partition, i.offset) for i in items]
+            with contextlib.suppress(DependencyError):
+                await store.release(keys, coords)
+
+    async def _commit(self, batch: Batch) -> None:
+        offsets = {KafkaTP(t, p): o for (t, p), o in batch.commit_offsets().items()}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except (KafkaError, AssertionError, ValueError) as exc:
+            # ClickHouse holds the truth; a missed commit only moves the fallback offset.
+            self.log.warning("kafka commit failed", error=str(exc))
+
+    async def _retry(
+        self, op: Callable[[], Awaitable[T]], batch: Batch, give_up: bool = False
+    ) -> T:
+        delay = self.config.worker.retry_initial
+        attempt = 0
+        while True:
+            try:
+                result = await op()
+            except DependencyError as exc:
+                attempt += 1
+                self._dependency_failed(exc.dependency, exc)
+                self.metrics.retries.labels(exc.dependency, type(exc).__name__).inc()
+                if give_up:
+                    raise
+                self._blocked_on = exc.dependency
+                if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8 ...: no log flood
+                    self.log.warning(
+                        "dependency failed, retrying",
+                        dependency=exc.dependency,
+                        attempt=attempt,
+                        error=str(exc)[:300],
+                    )
+                await asyncio.sleep(_jitter(delay))
+                delay = min(delay * 2, self.config.worker.retry_max)
+                if len(self.assignments.lost(batch)) == len(batch.ranges):
+                    raise Abandoned from exc
+                continue
+            if attempt:
+                self.log.info("dependency recovered", attempts=attempt)
+            self._blocked_on = None
+            return result
+
+    # ---------------------------------------------------------------- observation
+
+    def _landed_batch(
+        self, batch: Batch, landed: list[Item], poisoned: list[Item], seconds: float
+    ) -> None:
+        m = self.metrics
+        now_ms = time.time() * 1000
+        valid, inserted = _count_topics(batch.items), _count_topics(landed)
+        dropped = _count_topics(poisoned)
+        duplicates = 0
+        for topic, count in valid.items():
+            m.inserted.labels(topic).inc(inserted.get(topic, 0))
+            dups = count - inserted.get(topic, 0) - dropped.get(topic, 0)
+            if dups > 0:
+                m.duplicates.labels(topic).inc(dups)
+                duplicates += dups
+        reasons: dict[str, int] = {}
+        for reject in batch.rejects:
+            reasons[reject.reason.code] = reasons.get(reject.reason.code, 0) + 1
+        for reason, count in reasons.items():
+            m.dead_letters.labels(reason).inc(count)
+        m.batches.inc()
+        m.batch_rows.observe(batch.records)
+        m.batch_bytes.observe(batch.nbytes)
+        m.flush_seconds.observe(seconds)
+        if landed:
+            m.end_to_end.observe(max(0.0, (now_ms - max(i.timestamp_ms for i in landed)) / 1000))
+        for (topic, partition), span in batch.ranges.items():
+            m.landed_offset.labels(topic, str(partition)).set(span.last)
+        self._last_landed = time.monotonic()
+        self._last_flush = {
+            "at": time.time(),
+            "records": batch.records,
+            "inserted": len(landed),
+            "duplicates": duplicates,
+            "dead_letters": len(batch.rejects) + len(poisoned),
+            "seconds": round(seconds, 4),
+        }
+        self.log.info("batch landed", ranges=_ranges(batch), **self._last_flush)
+
+    async def _lag_loop(self) -> None:
+        while True:
+            await asyncio.sleep(2)
+            for tp in list(self.assignments.epochs):
+                high = self.consumer.highwater(KafkaTP(*tp))
+                if high is None:
+                    continue
+                lag = max(0, high - self.assignments.landed.get(tp, -1) - 1)
+                self._lag[tp] = lag
+                self.metrics.lag.labels(tp[0], str(tp[1])).set(lag)
+
+    def _dependency_ok(self, name: str) -> None:
+        state = self._dependencies[name]
+        if not state.up:
+            self._dependencies[name] = DependencyState(up=True)
+        self.metrics.up.labels(name).set(1)
+
+    def _dependency_failed(self, name: str, exc: BaseException) -> None:
+        state = self._dependencies[name]
+        if state.up:
+            self._dependencies[name] = DependencyState(up=False, error=str(exc)[:300])
+        else:
+            state.error = str(exc)[:300]
+        self.metrics.up.labels(name).set(0)
+        self._errors.append({"at": time.time(), "dependency": name, "error": str(exc)[:300]})
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        now = time.monotonic()
+        down = [
+            n
+            for n, s in self._dependencies.items()
+            if not s.up and now - s.since > READY_DEPENDENCY_GRACE
+        ]
+        lagging = sum(self._lag.values())
+        stalled = lagging > 0 and now - self._last_landed > READY_STALL_AFTER
+        return not down and not stalled, {
+            "dependencies_down": down,
+            "stalled": stalled,
+            "lag": lagging,
+        }
+
+    def status(self) -> dict[str, Any]:
+        rows, nbytes = self._in_flight()
+        partitions = [
+            {
+                "topic": t,
+                "partition": p,
+                "epoch": epoch,
+                "landed_offset": self.assignments.landed.get((t, p)),
+                "lag": self._lag.get((t, p)),
+                "paused": (t, p) in self._paused,
+                "positioning": (t, p) in self.assignments.pending,
+            }
+            for (t, p), epoch in sorted(self.assignments.epochs.items())
+        ]
+        return {
+            "worker": self.config.worker.id,
+            "state": "stopping" if self._stopping else "running",
+            "partitions": partitions,
+            "in_flight": {"rows": rows, "bytes": nbytes},
+            "last_flush": self._last_flush,
+            "dependencies": {
+                n: {
+                    "up": s.up,
+                    "since_seconds": round(time.monotonic() - s.since, 1),
+                    "error": s.error,
+                }
+                for n, s in self._dependencies.items()
+            },
+            "recent_errors": list(self._errors),
+        }
+
+
+class _Rebuilt:
+    """Stands in for a consumer record when a decoded event must be dead-lettered after it
+    was decoded: the value is the event rebuilt as CloudEvents JSON."""
+
+    def __init__(self, item: Item) -> None:
+        e = item.event
+        self.topic, self.partition, self.offset = item.topic, item.partition, item.offset
+        self.key = e.subject.encode()
+        self.headers: list[tuple[str, bytes]] = [("sink.rebuilt", b"1")]
+        self.value = orjson.dumps(
+            {
+                "specversion": "1.0",
+                "id": e.id,
+                "source": e.source,
+                "type": e.type,
+                "subject": e.subject,
+                "time": _rfc3339(e.time_ms),
+                "data": orjson.Fragment(e.data),
+            }
+        )
+
+
+def _rfc3339(ms: int) -> str:
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def _count_topics(items: Sequence[Item]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item.topic] = counts.get(item.topic, 0) + 1
+    return counts
+
+
+def _jitter(delay: float) -> float:
+    return delay * (0.5 + random.random())
+
+
+def _names(tps: Sequence[TopicPartition] | set[TopicPartition]) -> list[str]:
+    return [f"{t}/{p}" for t, p in sorted(tps)]
+
+
+def _ranges(batch: Batch) -> list[str]:
+    return [f"{t}/{p}:{r.first}-{r.last}" for (t, p), r in sorted(batch.ranges.items())]

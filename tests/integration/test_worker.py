@@ -1,0 +1,201 @@
+"""The real `sink run` against real Kafka, Redis and ClickHouse: exactly once, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import socket
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from sink.clickhouse import ClickHouse
+from tests.conftest import Services
+from tests.integration.workload import Workload, assert_exact, read_topic, wait_landed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_labels, _, value = line.rpartition(" ")
+            name = name_labels.split("{", 1)[0]
+            totals[name] = totals.get(name, 0.0) + float(value)
+    return totals
+
+
+async def topics_for(make_topics: Callable[..., Any], uid: str,
+                     partitions: int = 3) -> tuple[list[str], dict[str, str]]:
+    """Three topics: two of namespace `acme` (cross-topic duplicates), one of `globex`."""
+    names = [f"om_acme_{uid}", f"om_acme-2_{uid}", f"om_globex_{uid}"]
+    await make_topics(*names, partitions=partitions)
+    return names, {names[0]: "acme", names[1]: "acme", names[2]: "globex"}
+
+
+REGEX = r"^om_(?P<namespace>[a-z]+)(?:-[0-9]+)?_{uid}$"
+
+
+async def test_end_to_end_exactly_once_with_duplicates_and_dead_letters(
+    services: Services, make_topics: Callable[..., Any], producer: AIOKafkaProducer,
+    clickhouse_db: ClickHouse, sink_config: Callable[..., Any],
+    run_sink: Callable[..., Any], uid: str,
+) -> None:
+    topics, namespaces = await topics_for(make_topics, uid)
+    work = Workload(topics, namespaces, partitions=3, seed=1)
+    work.add(3000, duplicate_share=0.1, invalid_share=0.02)
+    await work.send(producer)
+    port = free_port()
+    proc = run_sink(sink_config(kafka={"topics_regex": REGEX.format(uid=uid)},
+                                http={"port": port}))
+
+    await wait_landed(clickhouse_db, work.ends, timeout=120, alive=lambda: proc.running)
+    await assert_exact(clickhouse_db, work.expected)
+
+    dlq = await read_topic(services.kafka, f"sink-{uid}.dlq", want=len(work.invalid))
+    assert sorted(r.value for r in dlq) == sorted(work.invalid)
+    headers = dict(dlq[0].headers)
+    assert headers["sink.error.code"]
+    assert headers["sink.source.topic"].decode() in topics
+    assert int(headers["sink.source.offset"]) >= 0
+
+    metrics = scrape(port)
+    duplicates_sent = len(work.records) - len(work.expected) - len(work.invalid)
+    assert metrics["sink_duplicates_dropped_total"] == duplicates_sent
+    assert metrics["sink_dead_letters_total"] == len(work.invalid)
+    assert metrics["sink_events_inserted_total"] == len(work.expected)
+    assert proc.stop() == 0
+
+
+async def test_kill_9_at_random_moments_keeps_the_table_exact(
+    services: Services, make_topics: Callable[..., Any], producer: AIOKafkaProducer,
+    clickhouse_db: ClickHouse, sink_config: Callable[..., Any],
+    run_sink: Callable[..., Any], uid: str,
+) -> None:
+    topics, namespaces = await topics_for(make_topics, uid)
+    work = Workload(topics, namespaces, partitions=3, seed=2)
+    work.add(30_000, duplicate_share=0.05, invalid_share=0.005)
+    config = sink_config(kafka={"topics_regex": REGEX.format(uid=uid)},
+                         batch={"max_rows": 1500, "max_wait": "200ms", "max_in_flight": 6000})
+    half = len(work.records) // 2
+    await work.send(producer, work.records[:half])
+    sender = asyncio.create_task(work.send(producer, work.records[half:], pace=0.05))
+
+    rng = random.Random(99)
+    proc = run_sink(config)
+    for _ in range(10):
+        await asyncio.sleep(rng.uniform(1.5, 5.0))
+        proc.kill()
+        proc = run_sink(config)
+    await sender
+
+    await wait_landed(clickhouse_db, work.ends, timeout=240, alive=lambda: proc.running)
+    await assert_exact(clickhouse_db, work.expected)
+    dlq = await read_topic(services.kafka, f"sink-{uid}.dlq", want=len(work.invalid))
+    assert set(r.value for r in dlq) == set(work.invalid)
+    assert proc.stop() == 0
+
+
+async def test_workers_joining_and_leaving_mid_stream(
+    make_topics: Callable[..., Any], producer: AIOKafkaProducer,
+    clickhouse_db: ClickHouse, sink_config: Callable[..., Any],
+    run_sink: Callable[..., Any], uid: str,
+) -> None:
+    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
+    work = Workload(topics, namespaces, partitions=4, seed=3)
+    work.add(20_000, duplicate_share=0.05, invalid_share=0.0)
+    config = sink_config(kafka={"topics_regex": REGEX.format(uid=uid)},
+                         batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 4000})
+    sender = asyncio.create_task(work.send(producer, pace=0.1))
+
+    first = run_sink(config, name="a")
+    await asyncio.sleep(4)
+    second = run_sink(config, name="b")
+    third = run_sink(config, name="c")
+    await asyncio.sleep(6)
+    assert second.stop() == 0
+    await asyncio.sleep(3)
+    assert third.stop() == 0
+    await sender
+
+    await wait_landed(clickhouse_db, work.ends, timeout=180, alive=lambda: first.running)
+    await assert_exact(clickhouse_db, work.expected)
+    assert first.stop() == 0
+
+
+async def test_stale_owner_frozen_past_session_timeout_does_not_insert_twice(
+    make_topics: Callable[..., Any], producer: AIOKafkaProducer,
+    clickhouse_db: ClickHouse, sink_config: Callable[..., Any],
+    run_sink: Callable[..., Any], uid: str,
+) -> None:
+    topics, namespaces = await topics_for(make_topics, uid, partitions=2)
+    work = Workload(topics, namespaces, partitions=2, seed=4)
+    work.add(12_000, duplicate_share=0.05, invalid_share=0.0)
+    config = sink_config(kafka={"topics_regex": REGEX.format(uid=uid)},
+                         batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 3000})
+    sender = asyncio.create_task(work.send(producer, pace=0.1))
+    stale = run_sink(config, name="stale")
+    await asyncio.sleep(4)
+    stale.signal(signal.SIGSTOP)
+    other = run_sink(config, name="other")
+    await asyncio.sleep(12)  # longer than the 6 s session timeout: the group moves on
+    stale.signal(signal.SIGCONT)
+    await sender
+
+    await wait_landed(clickhouse_db, work.ends, timeout=180, alive=lambda: other.running)
+    await asyncio.sleep(3)  # give a stale insert the chance to show itself
+    await assert_exact(clickhouse_db, work.expected)
+    assert stale.stop() == 0
+    assert other.stop() == 0
+
+
+async def test_sigterm_drains_commits_and_restart_replays_nothing(
+    services: Services, make_topics: Callable[..., Any], producer: AIOKafkaProducer,
+    clickhouse_db: ClickHouse, sink_config: Callable[..., Any],
+    run_sink: Callable[..., Any], uid: str,
+) -> None:
+    topics, namespaces = await topics_for(make_topics, uid, partitions=2)
+    work = Workload(topics, namespaces, partitions=2, seed=5)
+    work.add(15_000, duplicate_share=0.05, invalid_share=0.0)
+    config = sink_config(kafka={"topics_regex": REGEX.format(uid=uid)},
+                         batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 3000})
+    sender = asyncio.create_task(work.send(producer, pace=0.05))
+    proc = run_sink(config)
+    await asyncio.sleep(5)
+    assert proc.stop(timeout=30) == 0, proc.logs()[-3000:]
+    assert '"drained"' in proc.logs()
+
+    # Everything fetched before the stop landed and was committed: Kafka's committed offset
+    # equals the landed offset + 1 on every partition the worker touched.
+    from tests.integration.workload import landed
+
+    at_stop = await landed(clickhouse_db)
+    assert at_stop, "nothing landed before SIGTERM"
+    consumer = AIOKafkaConsumer(bootstrap_servers=services.kafka, group_id=f"sink-{uid}",
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        for (topic, partition), offset in at_stop.items():
+            assert await consumer.committed(TopicPartition(topic, partition)) == offset + 1
+    finally:
+        await consumer.stop()
+
+    await sender
+    again = run_sink(config, name="again")
+    await wait_landed(clickhouse_db, work.ends, timeout=120, alive=lambda: again.running)
+    await assert_exact(clickhouse_db, work.expected)
+    first_batches = [line for line in again.logs().splitlines() if '"batch landed"' in line]
+    for (topic, partition), offset in at_stop.items():
+        assert any(f"{topic}/{partition}:{offset + 1}-" in line for line in first_batches), (
+            f"{topic}/{partition} did not resume at {offset + 1}"
+        )
+    assert again.stop() == 0
