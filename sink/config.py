@@ -216,10 +216,12 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
             raise ConfigError(
                 f"{name}: expected SINK__<SECTION>__<KEY>, for example SINK__KAFKA__GROUP_ID"
             )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
+        value: Any = raw
+        if raw.lstrip().startswith(("[", "{")):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
         node = data
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -235,7 +237,14 @@ def _describe(error: ValidationError) -> str:
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(root)"
         value = item.get("input")
-        if "secret" in key or "password" in key or key.endswith("url"):
+        if (
+            "secret" in key
+            or "password" in key
+            or key.endswith("url")
+            or item["type"] == "extra_forbidden"
+            or (isinstance(value, (dict, str))
+            and len(item["loc"]) == 1)
+        ):
             shown = "<hidden>"
         else:
             shown = repr(value)

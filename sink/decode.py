@@ -6,6 +6,8 @@ raises. One orjson parse per record, no other per-record allocation than the res
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -81,7 +83,29 @@ def decode(value: bytes | None, namespace: str, max_bytes: int) -> Event | Rejec
         return Rejection(INVALID_JSON, f"not valid JSON: {exc}"[:500])
     if not isinstance(doc, dict):
         return Rejection(NOT_OBJECT, f"expected a JSON object, got {type(doc).__name__}")
+    if _LONG_NUMBER.search(value) and _holds_wide_int(value):
+        return Rejection(BAD_DATA, "an integer is outside the 64-bit range")
     return validate(doc, namespace)
+
+
+_LONG_NUMBER = re.compile(rb"\d{19}")
+
+
+def _holds_wide_int(value: bytes) -> bool:
+    """orjson turns integers beyond 64 bits into floats; the stdlib parser keeps them."""
+    try:
+        stack = [json.loads(value)]
+    except (ValueError, RecursionError):
+        return False
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, int) and not -(2**63) <= node < 2**64:
+            return True
+    return False
 
 
 def validate(doc: dict[str, Any], namespace: str) -> Event | Rejection:
@@ -106,16 +130,26 @@ def validate(doc: dict[str, Any], namespace: str) -> Event | Rejection:
     if data is None:
         data_text = "{}"
     elif isinstance(data, dict):
-        data_text = orjson.dumps(data).decode()
+        try:
+            data_text = orjson.dumps(data).decode()
+        except orjson.JSONEncodeError:
+            return Rejection(BAD_DATA, "'data' is nested too deeply")
     else:
         return Rejection(BAD_DATA, f"'data' must be a JSON object, got {type(data).__name__}")
     return Event(namespace, event_id, type_, source, subject, time_ms, data_text)
 
 
+_RFC3339 = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})", re.ASCII
+)
+
+
 def parse_time(text: str) -> int | Rejection:
     """RFC 3339 timestamp with an explicit offset -> epoch milliseconds."""
+    if not _RFC3339.fullmatch(text):
+        return Rejection(BAD_TIME, "'time' is not an RFC 3339 timestamp")
     try:
-        moment = datetime.fromisoformat(text)
+        moment = datetime.fromisoformat(text.upper())
     except ValueError:
         return Rejection(BAD_TIME, "'time' is not an RFC 3339 timestamp")
     if moment.tzinfo is None:

@@ -1,0 +1,208 @@
+"""Pure SQL helpers: version parsing, feature gating, quoting, the columnar event block."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sink.batch import Item
+from sink.clickhouse import (
+    EVENT_COLUMNS,
+    OFFSET_COLUMNS,
+    Schema,
+    ServerFeatures,
+    event_columns,
+    parse_version,
+    quote,
+)
+from sink.decode import Event
+
+OLD = ServerFeatures((18, 16, 1))
+NEW = ServerFeatures((23, 8, 2))
+
+
+class StandIn:
+    """What Schema.statements() needs of a ClickHouse connection."""
+
+    database = "metering"
+
+    def table(self, name: str) -> str:
+        return f"`{self.database}`.`{name}`"
+
+
+def statements(features: ServerFeatures) -> list[str]:
+    schema = Schema(StandIn(), features, "events", "sink_offsets")  # type: ignore[arg-type]
+    return schema.statements()
+
+
+# --- versions -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        ("18.16.1", (18, 16, 1)),
+        ("23.8.2.7", (23, 8, 2)),
+        ("24.3.1.2672", (24, 3, 1)),
+        ("25.1", (25, 1)),
+        ("21.8.15.7-lts", (21, 8, 15)),
+        ("", (0,)),
+        ("unknown", (0,)),
+    ],
+)
+def test_parse_version(text: str, version: tuple[int, ...]) -> None:
+    assert parse_version(text) == version
+
+
+@pytest.mark.parametrize(
+    ("version", "datetime64", "low_cardinality", "json_extract", "dedup_token", "unit"),
+    [
+        ((18, 16, 1), False, False, False, False, 1000),
+        ((19, 17, 6), False, False, False, False, 1000),
+        ((20, 1), True, True, True, False, 1),
+        ((22, 3, 9), True, True, True, False, 1),
+        ((22, 4), True, True, True, True, 1),
+        ((23, 8, 2), True, True, True, True, 1),
+        ((0,), False, False, False, False, 1000),
+    ],
+)
+def test_server_features(
+    version: tuple[int, ...],
+    datetime64: bool,
+    low_cardinality: bool,
+    json_extract: bool,
+    dedup_token: bool,
+    unit: int,
+) -> None:
+    features = ServerFeatures(version)
+    assert features.datetime64 is datetime64
+    assert features.low_cardinality is low_cardinality
+    assert features.json_extract is json_extract
+    assert features.dedup_token is dedup_token
+    assert features.time_unit == unit
+
+
+def test_version_string_to_features() -> None:
+    assert not ServerFeatures(parse_version("18.16.1")).datetime64
+    assert ServerFeatures(parse_version("23.8.2.7")).dedup_token
+
+
+# --- schema statements ----------------------------------------------------------------------
+
+
+def test_old_server_gets_only_old_types() -> None:
+    sql = "\n".join(statements(OLD))
+    assert "DateTime64" not in sql
+    assert "LowCardinality" not in sql
+    assert "JSONExtract" not in sql
+    assert "time DateTime('UTC')" in sql
+    assert "ingested_at DateTime('UTC')" in sql
+    assert "namespace String" in sql
+
+
+def test_new_server_gets_new_types() -> None:
+    sql = "\n".join(statements(NEW))
+    assert "time DateTime64(3, 'UTC')" in sql
+    assert "ingested_at DateTime64(3, 'UTC')" in sql
+    assert "namespace LowCardinality(String)" in sql
+    assert "type LowCardinality(String)" in sql
+    assert "_topic LowCardinality(String)" in sql
+
+
+@pytest.mark.parametrize("features", [OLD, NEW], ids=["18.16", "23.8"])
+def test_statements_are_idempotent_and_use_the_database(features: ServerFeatures) -> None:
+    sql = statements(features)
+    assert sql[0] == "CREATE DATABASE IF NOT EXISTS `metering`"
+    assert all("IF NOT EXISTS" in s for s in sql)
+    assert "CREATE TABLE IF NOT EXISTS `metering`.`events`" in sql[1]
+    assert "CREATE TABLE IF NOT EXISTS `metering`.`sink_offsets`" in sql[2]
+    assert "`metering`.`events_to_sink_offsets` TO `metering`.`sink_offsets`" in sql[3]
+    assert "FROM `metering`.`events`" in sql[3]
+
+
+@pytest.mark.parametrize("features", [OLD, NEW], ids=["18.16", "23.8"])
+def test_events_table_has_every_inserted_column(features: ServerFeatures) -> None:
+    create = statements(features)[1]
+    declared = {line.split()[0] for line in create.splitlines()[1:] if line.startswith("    ")}
+    assert set(EVENT_COLUMNS) <= declared
+    offsets = statements(features)[2]
+    assert all(f"    {column} " in offsets for column in OFFSET_COLUMNS)
+
+
+# --- quoting --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "literal"),
+    [
+        ("om_acme_events", "'om_acme_events'"),
+        ("", "''"),
+        ("it's", r"'it\'s'"),
+        ("back\\slash", r"'back\\slash'"),
+        ("\\'", r"'\\\''"),
+        ("x'); DROP TABLE events; --", r"'x\'); DROP TABLE events; --'"),
+    ],
+)
+def test_quote(value: str, literal: str) -> None:
+    assert quote(value) == literal
+
+
+@pytest.mark.parametrize("value", ["a'b", "a\\", "\\", "'", "\\'\\'", "x\\'); --"])
+def test_quoted_literal_never_ends_early(value: str) -> None:
+    """Reading the literal back like ClickHouse does gives the value and ends at the end."""
+    literal = quote(value)
+    assert literal[0] == literal[-1] == "'"
+    out, i = [], 1
+    while literal[i] != "'":
+        if literal[i] == "\\":
+            i += 1
+        out.append(literal[i])
+        i += 1
+    assert i == len(literal) - 1
+    assert "".join(out) == value
+
+
+# --- event columns --------------------------------------------------------------------------
+
+
+def item(n: int, time_ms: int, timestamp_ms: int) -> Item:
+    event = Event(f"ns{n}", f"id{n}", f"type{n}", f"src{n}", f"subj{n}", time_ms, f'{{"n":{n}}}')
+    return Item(event, f"topic{n}", n, 100 + n, timestamp_ms)
+
+
+def test_event_columns_order_and_values_with_millisecond_time() -> None:
+    items = [item(1, 1_700_000_000_123, 1_700_000_001_456), item(2, 0, 5)]
+    columns = event_columns(items, time_divisor=1)
+    assert len(columns) == len(EVENT_COLUMNS) == 12
+    by_name: dict[str, list[Any]] = dict(zip(EVENT_COLUMNS, columns, strict=True))
+    assert by_name == {
+        "namespace": ["ns1", "ns2"],
+        "id": ["id1", "id2"],
+        "type": ["type1", "type2"],
+        "source": ["src1", "src2"],
+        "subject": ["subj1", "subj2"],
+        "time": [1_700_000_000_123, 0],
+        "data": ['{"n":1}', '{"n":2}'],
+        "ingested_at": [1_700_000_001_456, 5],
+        "validation_error": ["", ""],
+        "_topic": ["topic1", "topic2"],
+        "_partition": [1, 2],
+        "_offset": [101, 102],
+    }
+
+
+def test_event_columns_in_seconds_for_old_servers() -> None:
+    columns = event_columns([item(1, 1_700_000_000_999, 1_700_000_001_001)], OLD.time_unit)
+    by_name = dict(zip(EVENT_COLUMNS, columns, strict=True))
+    assert by_name["time"] == [1_700_000_000]
+    assert by_name["ingested_at"] == [1_700_000_001]
+
+
+def test_negative_record_timestamp_becomes_zero() -> None:
+    columns = event_columns([item(1, 1000, -1)], 1)
+    assert dict(zip(EVENT_COLUMNS, columns, strict=True))["ingested_at"] == [0]
+
+
+def test_event_columns_of_no_items() -> None:
+    assert event_columns([], 1) == [[] for _ in EVENT_COLUMNS]
