@@ -51,6 +51,9 @@ class Batch:
     nbytes: int = 0
     created: float = field(default_factory=time.monotonic)
     sealed: float = 0.0
+    recovered: bool = False
+    """Some rows were found already in ClickHouse (an insert whose outcome was unknown); the
+    landed offsets must then be written for every partition, the view may not have run."""
 
     @property
     def records(self) -> int:
@@ -71,7 +74,7 @@ class Batch:
         gone = set(tps) & self.ranges.keys()
         if not gone:
             return self
-        kept = Batch(created=self.created, sealed=self.sealed)
+        kept = Batch(created=self.created, sealed=self.sealed, recovered=self.recovered)
         kept.ranges = {tp: r for tp, r in self.ranges.items() if tp not in gone}
         kept.items = [i for i in self.items if (i.topic, i.partition) not in gone]
         kept.rejects = [r for r in self.rejects if (r.record.topic, r.record.partition) not in gone]
@@ -84,13 +87,28 @@ class Batch:
 
     def tail_offsets(self, landed_rows: Iterable[Item]) -> dict[TopicPartition, int]:
         """Partitions whose last offset produced no landed row; their landed offset must be
-        written directly, or a restart would replay (and re-dead-letter) the tail."""
+        written directly, or a restart would replay (and re-dead-letter) the tail. After a
+        recovery, every partition's."""
+        if self.recovered:
+            return {tp: r.last for tp, r in self.ranges.items()}
         top: dict[TopicPartition, int] = {}
         for item in landed_rows:
             tp = (item.topic, item.partition)
             if item.offset > top.get(tp, -1):
                 top[tp] = item.offset
         return {tp: r.last for tp, r in self.ranges.items() if top.get(tp, -1) < r.last}
+
+
+def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, tuple[int, int]], tuple[int, int]]:
+    """Offset range per partition and event-time bounds (epoch seconds) of some rows."""
+    ranges: dict[TopicPartition, tuple[int, int]] = {}
+    low, high = 2**63, -1
+    for item in items:
+        tp = (item.topic, item.partition)
+        first, last = ranges.get(tp, (item.offset, item.offset))
+        ranges[tp] = (min(first, item.offset), max(last, item.offset))
+        low, high = min(low, item.event.time_ms), max(high, item.event.time_ms)
+    return ranges, (low // 1000, high // 1000)
 
 
 class Triggers(NamedTuple):

@@ -20,8 +20,10 @@ from asynch.proto.utils.dsn import parse_dsn
 
 from sink.errors import ClickHouseRejected, ClickHouseUnavailable, ConfigError
 
-# Server error codes that mean "these rows can never be stored as they are": bisect and
-# dead-letter. Everything else (parts, memory, readonly, network, unknown) is retried.
+# Error codes that mean "these rows can never be stored as they are", when the driver raises
+# them while encoding the block (before anything is sent): bisect and dead-letter. A server
+# error is never taken for that: the server may have written the raw part before a view
+# failed, so the batch is retried after checking what landed.
 DATA_ERROR_CODES = frozenset(
     {
         6,  # CANNOT_PARSE_TEXT
@@ -56,7 +58,7 @@ EVENT_COLUMNS = (
     "_partition",
     "_offset",
 )
-OFFSET_COLUMNS = ("_topic", "_partition", "_offset")
+OFFSET_COLUMNS = ("topic", "kafka_partition", "landed_offset")
 
 
 @dataclass(frozen=True)
@@ -139,8 +141,6 @@ class ClickHouse:
         try:
             return await asyncio.wait_for(conn.execute(query, **kwargs), self._query_timeout)
         except ServerException as exc:
-            if exc.code in DATA_ERROR_CODES:
-                raise ClickHouseRejected(str(exc), exc.code) from exc
             await self._drop()
             raise ClickHouseUnavailable(f"server error {exc.code}: {exc}") from exc
         except (ColumnException, *_ENCODING_ERRORS) as exc:
@@ -237,14 +237,15 @@ class Schema:
 PARTITION BY toYYYYMM(time)
 ORDER BY (namespace, type, subject, time, _topic, _partition, _offset)""",
             f"""CREATE TABLE IF NOT EXISTS {offsets} (
-    _topic String,
-    _partition UInt32,
-    _offset UInt64,
+    topic String,
+    kafka_partition UInt32,
+    landed_offset UInt64,
     updated_at DateTime('UTC') DEFAULT now()
-) ENGINE = ReplacingMergeTree(_offset)
-ORDER BY (_topic, _partition)""",
+) ENGINE = ReplacingMergeTree(landed_offset)
+ORDER BY (topic, kafka_partition)""",
             f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {offsets} AS
-SELECT _topic, _partition, max(_offset) AS _offset, now() AS updated_at
+SELECT toString(_topic) AS topic, toUInt32(_partition) AS kafka_partition,
+    toUInt64(max(_offset)) AS landed_offset, now() AS updated_at
 FROM {events}
 GROUP BY _topic, _partition""",
         ]
@@ -270,10 +271,32 @@ class OffsetStore:
             return {}
         names = ", ".join(quote(t) for t in sorted(set(topics)))
         rows = await self.ch.query(
-            f"SELECT _topic, _partition, max(_offset) FROM {self.ch.table(self.table)} "
-            f"WHERE _topic IN ({names}) GROUP BY _topic, _partition"
+            f"SELECT topic, kafka_partition, max(landed_offset) FROM {self.ch.table(self.table)} "
+            f"WHERE topic IN ({names}) GROUP BY topic, kafka_partition"
         )
         return {(str(t), int(p)): int(o) for t, p, o in rows}
+
+    async def present(
+        self,
+        events_table: str,
+        ranges: Mapping[tuple[str, int], tuple[int, int]],
+        time_bounds: tuple[int, int],
+    ) -> set[tuple[str, int, int]]:
+        """Coordinates within `ranges` that are already in the raw table. Bounded by the
+        rows' event time (epoch seconds) so only the months concerned are read."""
+        if not ranges:
+            return set()
+        which = " OR ".join(
+            f"(_topic = {quote(t)} AND _partition = {p} AND _offset BETWEEN {first} AND {last})"
+            for (t, p), (first, last) in sorted(ranges.items())
+        )
+        low, high = time_bounds
+        rows = await self.ch.query(
+            f"SELECT _topic, _partition, _offset FROM {self.ch.table(events_table)} "
+            f"WHERE time >= toDateTime({int(low)}) AND time < toDateTime({int(high) + 1}) "
+            f"AND ({which})"
+        )
+        return {(str(t), int(p), int(o)) for t, p, o in rows}
 
     async def record(self, landed: Mapping[tuple[str, int], int]) -> None:
         """Write offsets of ranges that produced no raw rows (duplicates, dead letters)."""

@@ -242,8 +242,7 @@ def _describe(error: ValidationError) -> str:
             or "password" in key
             or key.endswith("url")
             or item["type"] == "extra_forbidden"
-            or (isinstance(value, (dict, str))
-            and len(item["loc"]) == 1)
+            or (isinstance(value, (dict, str)) and len(item["loc"]) == 1)
         ):
             shown = "<hidden>"
         else:

@@ -15,7 +15,7 @@ a later repeat of the same batch (a replay whose order changed), that repeat is 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import redis.asyncio as redis_async
@@ -25,17 +25,18 @@ from redis.exceptions import RedisError
 from sink.errors import RedisUnavailable
 
 # One atomic SET NX GET EX per identity, all in one script call per batch (Redis >= 7.0).
+# KEYS: n identity keys, then pending-range keys; ARGV: ttl, n, n coordinates, range values.
 _CLAIM = """
 local ttl = ARGV[1]
+local n = tonumber(ARGV[2])
 local out = {}
-for i, key in ipairs(KEYS) do
-  local coords = ARGV[i + 1]
-  local previous = redis.call('SET', key, coords, 'NX', 'GET', 'EX', ttl)
-  if previous then
-    out[i] = previous
-  else
-    out[i] = coords
-  end
+for i = 1, n do
+  local coords = ARGV[i + 2]
+  local previous = redis.call('SET', KEYS[i], coords, 'NX', 'GET', 'EX', ttl)
+  out[i] = previous or coords
+end
+for i = n + 1, #KEYS do
+  redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ttl)
 end
 return out
 """
@@ -68,12 +69,28 @@ def coordinates(topic: str, partition: int, offset: int) -> bytes:
     return f"{topic}:{partition}:{offset}".encode()
 
 
-class DedupStore(Protocol):
-    """Claims identities for records and releases claims of records that were dead-lettered."""
+def pending_key(prefix: bytes, topic: str, partition: int) -> bytes:
+    """Where the offset range a worker is about to insert for a partition is written down."""
+    return prefix + f"~pending:{topic}:{partition}".encode()
 
-    async def claim(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> list[bytes]:
-        """Claim each key for its coordinates; return the coordinates holding each key."""
+
+class DedupStore(Protocol):
+    """Claims identities for records and releases claims of records that were dead-lettered.
+
+    It also keeps, per partition, the offset range last sent to ClickHouse (`pending`), so a
+    new owner can tell whether an insert of the previous owner may have landed in part."""
+
+    async def claim(
+        self,
+        keys: Sequence[bytes],
+        coords: Sequence[bytes],
+        pending: Mapping[bytes, bytes] | None = None,
+    ) -> list[bytes]:
+        """Claim each key for its coordinates; return the coordinates holding each key.
+        `pending` entries are written in the same round trip."""
         ...
+
+    async def pending(self, keys: Sequence[bytes]) -> list[bytes | None]: ...
 
     async def release(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> int: ...
 
@@ -88,8 +105,17 @@ class MemoryDedup:
     def __init__(self) -> None:
         self.markers: dict[bytes, bytes] = {}
 
-    async def claim(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> list[bytes]:
+    async def claim(
+        self,
+        keys: Sequence[bytes],
+        coords: Sequence[bytes],
+        pending: Mapping[bytes, bytes] | None = None,
+    ) -> list[bytes]:
+        self.markers.update(pending or {})
         return [self.markers.setdefault(k, c) for k, c in zip(keys, coords, strict=True)]
+
+    async def pending(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        return [self.markers.get(k) for k in keys]
 
     async def release(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> int:
         released = 0
@@ -121,17 +147,36 @@ class RedisDedup:
         self._claim = self._client.register_script(_CLAIM)
         self._release = self._client.register_script(_RELEASE)
 
-    async def claim(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> list[bytes]:
+    async def claim(
+        self,
+        keys: Sequence[bytes],
+        coords: Sequence[bytes],
+        pending: Mapping[bytes, bytes] | None = None,
+    ) -> list[bytes]:
         holders: list[bytes] = []
+        extra_keys, extra_values = list((pending or {}).keys()), list((pending or {}).values())
         try:
-            for start in range(0, len(keys), _CHUNK):
-                chunk_keys = keys[start : start + _CHUNK]
-                chunk_coords = coords[start : start + _CHUNK]
-                result = await self._claim(keys=chunk_keys, args=[self._ttl, *chunk_coords])
+            for start in range(0, max(1, len(keys)), _CHUNK):
+                chunk_keys = list(keys[start : start + _CHUNK])
+                chunk_coords = list(coords[start : start + _CHUNK])
+                result = await self._claim(
+                    keys=chunk_keys + extra_keys,
+                    args=[self._ttl, len(chunk_keys), *chunk_coords, *extra_values],
+                )
+                extra_keys, extra_values = [], []
                 holders.extend(result)
         except (RedisError, OSError) as exc:
             raise RedisUnavailable(f"dedup claim failed: {exc}") from exc
         return holders
+
+    async def pending(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        if not keys:
+            return []
+        try:
+            values = await self._client.mget(list(keys))
+        except (RedisError, OSError) as exc:
+            raise RedisUnavailable(f"pending ranges read failed: {exc}") from exc
+        return [v.encode() if isinstance(v, str) else v for v in values]
 
     async def release(self, keys: Sequence[bytes], coords: Sequence[bytes]) -> int:
         if not keys:

@@ -24,7 +24,7 @@ from aiokafka.errors import KafkaError
 
 from sink import decode as decoding
 from sink import dedup
-from sink.batch import Batch, Item, Reject, TopicPartition, Triggers, due
+from sink.batch import Batch, Item, Reject, TopicPartition, Triggers, due, span
 from sink.clickhouse import EVENT_COLUMNS, ClickHouse, OffsetStore, event_columns
 from sink.config import Config
 from sink.consumer import DeadLetters, Namespaces
@@ -123,6 +123,8 @@ class Worker:
         self._last_flush: dict[str, Any] = {}
         self._errors: deque[dict[str, Any]] = deque(maxlen=20)
         self._lag: dict[TopicPartition, int] = {}
+        self._already_landed: set[tuple[str, int, int]] = set()
+        """Coordinates found in ClickHouse after an interrupted insert of a previous owner."""
 
     # ---------------------------------------------------------------- rebalance listener
 
@@ -285,6 +287,12 @@ class Worker:
             self._dependency_failed("clickhouse", exc)
             await asyncio.sleep(_jitter(self.config.worker.retry_initial))
             return
+        try:
+            await self._find_interrupted(tps, landed)
+        except DependencyError as exc:
+            self._dependency_failed(exc.dependency, exc)
+            await asyncio.sleep(_jitter(self.config.worker.retry_initial))
+            return
         for (topic, partition), offset in self.assignments.position(tps, landed).items():
             self.consumer.seek(KafkaTP(topic, partition), offset)
             self.metrics.landed_offset.labels(topic, str(partition)).set(offset - 1)
@@ -293,6 +301,37 @@ class Worker:
             partitions=_names(tps),
             landed={f"{t}/{p}": o for (t, p), o in landed.items() if (t, p) in tps},
         )
+
+    async def _find_interrupted(
+        self, tps: Sequence[TopicPartition], landed: dict[TopicPartition, int]
+    ) -> None:
+        """A previous owner may have died while its insert was written in part (rows in the
+        raw table, landed offset not moved). Its pending range says where to look."""
+        if self.store is None:
+            return
+        keys = [dedup.pending_key(self.key_prefix, t, p) for t, p in tps]
+        ranges: dict[TopicPartition, tuple[int, int]] = {}
+        low, high = 2**63, -1
+        for tp, value in zip(tps, await self.store.pending(keys), strict=True):
+            if not value:
+                continue
+            first, last, tmin, tmax = (int(x) for x in value.split(b":"))
+            start = max(first, landed.get(tp, -1) + 1)
+            if last >= start:
+                ranges[tp] = (start, last)
+                low, high = min(low, tmin), max(high, tmax)
+        if not ranges:
+            return
+        present = await self.offsets.present(
+            self.config.clickhouse.events_table, ranges, (low, high)
+        )
+        if present:
+            self.log.warning(
+                "found rows of an interrupted insert",
+                rows=len(present),
+                partitions=_names(list(ranges)),
+            )
+        self._already_landed |= present
 
     def _forget(self, tps: Sequence[TopicPartition]) -> None:
         """Drop everything held for partitions we no longer own."""
@@ -329,7 +368,9 @@ class Worker:
         started = time.monotonic()
         kept = await self._deduplicate(batch)
         await self._retry(lambda: self.dead_letters.send(batch.rejects), batch)
+        kept, already = self._split_already_landed(batch, kept)
         landed, poisoned = await self._insert(batch, kept)
+        landed += already
         batch = batch.without(self.assignments.lost(batch))
         tail = batch.tail_offsets(landed)
         await self._retry(lambda: self.landing_offsets.record(tail), batch)
@@ -337,15 +378,46 @@ class Worker:
         await self._commit(batch)
         self._landed_batch(batch, landed, poisoned, time.monotonic() - started)
 
+    def _split_already_landed(
+        self, batch: Batch, items: list[Item]
+    ) -> tuple[list[Item], list[Item]]:
+        """Rows found in ClickHouse after a previous owner's interrupted insert land as is."""
+        found = self._already_landed
+        if not found:
+            return items, []
+        fresh: list[Item] = []
+        already: list[Item] = []
+        for item in items:
+            coords = (item.topic, item.partition, item.offset)
+            (already if coords in found else fresh).append(item)
+        if already:
+            found.difference_update((i.topic, i.partition, i.offset) for i in already)
+            batch.recovered = True
+            self.log.warning(
+                "rows of an interrupted insert not inserted again",
+                rows=len(already),
+                ranges=_ranges(batch),
+            )
+        return fresh, already
+
+    def _pending_ranges(self, items: list[Item]) -> dict[bytes, bytes]:
+        """What this batch may insert, per partition: `first:last:tmin:tmax` (see DedupStore)."""
+        ranges, (low, high) = span(items)
+        return {
+            dedup.pending_key(self.key_prefix, t, p): f"{first}:{last}:{low}:{high}".encode()
+            for (t, p), (first, last) in ranges.items()
+        }
+
     async def _deduplicate(self, batch: Batch) -> list[Item]:
         if self.store is None or not batch.items:
             return batch.items
         grouped = dedup.group(batch.items, self.key_prefix)
+        pending = self._pending_ranges(batch.items)
         store = self.store
         t0 = time.monotonic()
         try:
             holders = await self._retry(
-                lambda: store.claim(grouped.keys, grouped.coords),
+                lambda: store.claim(grouped.keys, grouped.coords, pending),
                 batch,
                 give_up=self.config.dedup.on_error == "allow-duplicates",
             )
@@ -375,10 +447,16 @@ class Worker:
         return left_ok + right_ok, left_bad + right_bad
 
     async def _insert_block(self, batch: Batch, items: list[Item]) -> None:
+        unknown = False  # did an attempt fail after the block may have reached the server?
+
         async def attempt() -> None:
+            nonlocal unknown
             rows = await self._fence(batch, items)
+            if unknown:
+                rows = await self._not_yet_landed(batch, rows)
             if not rows:
                 return
+            unknown = True
             data = event_columns(rows, self.time_divisor)
             t0 = time.monotonic()
             await self.inserter.insert_columns(
@@ -390,6 +468,23 @@ class Worker:
             self.metrics.insert_seconds.observe(time.monotonic() - t0)
 
         await self._retry(attempt, batch)
+
+    async def _not_yet_landed(self, batch: Batch, rows: list[Item]) -> list[Item]:
+        """After a failed insert the server may still have written the rows (the connection
+        broke after the write, or a view failed after the raw part was written): look."""
+        ranges, bounds = span(rows)
+        present = await self.landing_offsets.present(
+            self.config.clickhouse.events_table, ranges, bounds
+        )
+        if not present:
+            return rows
+        batch.recovered = True
+        self.log.warning(
+            "rows of a failed insert had landed, not inserted again",
+            rows=len(present),
+            ranges=_ranges(batch),
+        )
+        return [r for r in rows if (r.topic, r.partition, r.offset) not in present]
 
     async def _fence(self, batch: Batch, items: list[Item]) -> list[Item]:
         """Rows of `items` this worker may still insert, checked right before the insert."""
@@ -493,8 +588,8 @@ class Worker:
         m.flush_seconds.observe(seconds)
         if landed:
             m.end_to_end.observe(max(0.0, (now_ms - max(i.timestamp_ms for i in landed)) / 1000))
-        for (topic, partition), span in batch.ranges.items():
-            m.landed_offset.labels(topic, str(partition)).set(span.last)
+        for (topic, partition), offsets in batch.ranges.items():
+            m.landed_offset.labels(topic, str(partition)).set(offsets.last)
         self._last_landed = time.monotonic()
         self._last_flush = {
             "at": time.time(),

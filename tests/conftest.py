@@ -52,7 +52,7 @@ def _docker_answers() -> bool:
 
 HOW_TO = (
     "integration tests need Kafka, Redis and ClickHouse. Start the local stack with\n"
-    "    bash scripts/stack.sh up && eval \"$(bash scripts/stack.sh env)\"\n"
+    '    bash scripts/stack.sh up && eval "$(bash scripts/stack.sh env)"\n'
     "or run `make test`, which does both; or make a Docker engine available for "
     "testcontainers."
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,10 +59,8 @@ async def make_topics(
 
     yield make
     if created:
-        try:
+        with contextlib.suppress(Exception):
             await admin.delete_topics(created)
-        except Exception:  # noqa: BLE001 - cleanup of a test's own topics is best effort
-            pass
 
 
 async def wait_for_topics(admin: AIOKafkaAdminClient, names: tuple[str, ...] | list[str]) -> None:
@@ -89,20 +88,34 @@ async def clickhouse_db(services: Services, uid: str) -> AsyncIterator[ClickHous
 
 @pytest.fixture
 async def producer(services: Services) -> AsyncIterator[AIOKafkaProducer]:
-    p = AIOKafkaProducer(bootstrap_servers=services.kafka, acks="all", linger_ms=5,
-                         max_batch_size=256 * 1024)
+    p = AIOKafkaProducer(
+        bootstrap_servers=services.kafka, acks="all", linger_ms=5, max_batch_size=256 * 1024
+    )
     await p.start()
     yield p
     await p.stop()
 
 
-def cloud_event(event_id: str, subject: str = "customer-1", *, source: str = "test",
-                type_: str = "api.request", time_: str = "2026-11-27T10:15:30.250Z",
-                data: dict[str, Any] | None = None) -> bytes:
-    return orjson.dumps({
-        "specversion": "1.0", "id": event_id, "source": source, "type": type_,
-        "subject": subject, "time": time_, "data": data if data is not None else {"n": 1},
-    })
+def cloud_event(
+    event_id: str,
+    subject: str = "customer-1",
+    *,
+    source: str = "test",
+    type_: str = "api.request",
+    time_: str = "2026-11-27T10:15:30.250Z",
+    data: dict[str, Any] | None = None,
+) -> bytes:
+    return orjson.dumps(
+        {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": source,
+            "type": type_,
+            "subject": subject,
+            "time": time_,
+            "data": data if data is not None else {"n": 1},
+        }
+    )
 
 
 class SinkProcess:
@@ -119,9 +132,14 @@ class SinkProcess:
         command = [sys.executable, "-m", "sink", "run", "-c", str(self.config_path)]
         if self.workers > 1:
             command += ["--workers", str(self.workers)]
-        self.proc = subprocess.Popen(command, stdout=log, stderr=log, cwd=ROOT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
         return self
 
     @property

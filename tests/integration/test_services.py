@@ -20,8 +20,13 @@ async def test_kafka_produce_consume_and_commit(
         await producer.send_and_wait(topic, f"v{i}".encode(), key=f"k{i}".encode())
 
     group = f"g_{uid}"
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=services.kafka, group_id=group,
-                                enable_auto_commit=False, auto_offset_reset="earliest")
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=services.kafka,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await consumer.start()
     try:
         seen: list[bytes] = []
@@ -38,8 +43,13 @@ async def test_kafka_produce_consume_and_commit(
     assert sorted(seen) == sorted(f"v{i}".encode() for i in range(10))
     assert sum(committed.values()) == 10
 
-    again = AIOKafkaConsumer(topic, bootstrap_servers=services.kafka, group_id=group,
-                             enable_auto_commit=False, auto_offset_reset="earliest")
+    again = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=services.kafka,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
     await again.start()
     try:
         assert await again.getmany(timeout_ms=1500) == {}
@@ -73,8 +83,9 @@ async def test_clickhouse_native_insert_and_read_back(clickhouse_db: ClickHouse)
     ids = list(range(1000))
     names = [f"n{i}" for i in ids]
     times = [1_700_000_000 + i for i in ids]
-    inserted = await clickhouse_db.insert_columns("probe", ("id", "name", "at"),
-                                                  [ids, names, times])
+    inserted = await clickhouse_db.insert_columns(
+        "probe", ("id", "name", "at"), [ids, names, times]
+    )
     rows = await clickhouse_db.query(
         f"SELECT count(), sum(id), max(name), toUnixTimestamp(max(at)) FROM {table}"
     )

@@ -45,8 +45,7 @@ class Workload:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
 
-    def add(self, unique: int, duplicate_share: float = 0.05,
-            invalid_share: float = 0.01) -> None:
+    def add(self, unique: int, duplicate_share: float = 0.05, invalid_share: float = 0.01) -> None:
         """`unique` valid events; a share of them sent again to another place (same
         partition, another partition, or another topic of the same namespace); a share of
         invalid records."""
@@ -55,13 +54,21 @@ class Workload:
             self._n += 1
             topic = rng.choice(self.topics)
             subject = f"customer-{rng.randrange(50)}"
-            value = orjson.dumps({
-                "specversion": "1.0", "id": f"evt-{self.seed}-{self._n}", "source": "gateway",
-                "type": "api.request", "subject": subject,
-                "time": f"2026-11-{rng.randrange(1, 28):02d}T{rng.randrange(24):02d}:"
-                        f"{rng.randrange(60):02d}:{rng.randrange(60):02d}.{rng.randrange(1000):03d}Z",
-                "data": {"route": rng.choice(["/a", "/b", "/c"]), "tokens": rng.randrange(1000)},
-            })
+            value = orjson.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": f"evt-{self.seed}-{self._n}",
+                    "source": "gateway",
+                    "type": "api.request",
+                    "subject": subject,
+                    "time": f"2026-11-{rng.randrange(1, 28):02d}T{rng.randrange(24):02d}:"
+                    f"{rng.randrange(60):02d}:{rng.randrange(60):02d}.{rng.randrange(1000):03d}Z",
+                    "data": {
+                        "route": rng.choice(["/a", "/b", "/c"]),
+                        "tokens": rng.randrange(1000),
+                    },
+                }
+            )
             partition = rng.randrange(self.partitions)
             self.records.append((topic, partition, subject.encode(), value))
             self.expected.add((self.namespaces[topic], "gateway", f"evt-{self.seed}-{self._n}"))
@@ -69,21 +76,25 @@ class Workload:
                 same_ns = [t for t in self.topics if self.namespaces[t] == self.namespaces[topic]]
                 where = rng.choice(["same", "partition", "topic"])
                 dup_topic = rng.choice(same_ns) if where == "topic" else topic
-                dup_part = (partition if where == "same"
-                            else rng.randrange(self.partitions))
+                dup_part = partition if where == "same" else rng.randrange(self.partitions)
                 self.records.append((dup_topic, dup_part, subject.encode(), value))
             if rng.random() < invalid_share:
                 bad = rng.choice(INVALID_SAMPLES) + f" #{self._n}".encode()
                 self.records.append((topic, partition, b"bad", bad))
                 self.invalid.append(bad)
 
-    async def send(self, producer: AIOKafkaProducer, records: Sequence[Any] | None = None,
-                   pace: float = 0.0, chunk: int = 500) -> None:
+    async def send(
+        self,
+        producer: AIOKafkaProducer,
+        records: Sequence[Any] | None = None,
+        pace: float = 0.0,
+        chunk: int = 500,
+    ) -> None:
         todo = self.records if records is None else records
         for start in range(0, len(todo), chunk):
             futures = [
                 await producer.send(topic, value=value, key=key, partition=partition)
-                for topic, partition, key, value in todo[start:start + chunk]
+                for topic, partition, key, value in todo[start : start + chunk]
             ]
             for meta in await asyncio.gather(*futures):
                 tp = (meta.topic, meta.partition)
@@ -95,16 +106,17 @@ class Workload:
 async def landed(ch: ClickHouse) -> dict[tuple[str, int], int]:
     try:
         rows = await ch.query(
-            f"SELECT _topic, _partition, max(_offset) FROM {ch.table('sink_offsets')} "
-            "GROUP BY _topic, _partition"
+            f"SELECT topic, kafka_partition, max(landed_offset) FROM {ch.table('sink_offsets')} "
+            "GROUP BY topic, kafka_partition"
         )
-    except Exception:  # noqa: BLE001 - the table may not exist yet
+    except Exception:
         return {}
     return {(t, p): o for t, p, o in rows}
 
 
-async def wait_landed(ch: ClickHouse, ends: dict[tuple[str, int], int], timeout: float,
-                      alive: Any = None) -> None:
+async def wait_landed(
+    ch: ClickHouse, ends: dict[tuple[str, int], int], timeout: float, alive: Any = None
+) -> None:
     """Until every partition's landed offset reached its end offset - 1."""
     deadline = time.monotonic() + timeout
     while True:
@@ -137,8 +149,13 @@ async def assert_exact(ch: ClickHouse, expected: set[tuple[str, str, str]]) -> N
 
 
 async def read_topic(bootstrap: str, topic: str, want: int, timeout: float = 60) -> list[Any]:
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
-                                auto_offset_reset="earliest", enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
     await consumer.start()
     got: list[Any] = []
     deadline = time.monotonic() + timeout
