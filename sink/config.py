@@ -179,6 +179,10 @@ class HttpConfig(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
+    ready_dependency_grace: Duration = 30.0
+    """/readyz fails once a dependency has been failing this long."""
+    ready_stall_after: Duration = 60.0
+    """/readyz fails when held partitions have lag and nothing landed for this long."""
 
 
 class WorkerConfig(_Section):

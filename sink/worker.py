@@ -35,11 +35,6 @@ from sink.offsets import Assignments
 T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
 
-READY_DEPENDENCY_GRACE = 30.0
-"""Readiness fails once a dependency has been failing this long (seconds)."""
-READY_STALL_AFTER = 60.0
-"""Readiness fails when partitions have lag and nothing landed for this long (seconds)."""
-
 
 class Abandoned(Exception):
     """The batch lost every partition it held while waiting; nothing of it may be inserted."""
@@ -629,13 +624,10 @@ class Worker:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         now = time.monotonic()
-        down = [
-            n
-            for n, s in self._dependencies.items()
-            if not s.up and now - s.since > READY_DEPENDENCY_GRACE
-        ]
+        grace = self.config.http.ready_dependency_grace
+        down = [n for n, s in self._dependencies.items() if not s.up and now - s.since > grace]
         lagging = sum(self._lag.values())
-        stalled = lagging > 0 and now - self._last_landed > READY_STALL_AFTER
+        stalled = lagging > 0 and now - self._last_landed > self.config.http.ready_stall_after
         return not down and not stalled, {
             "dependencies_down": down,
             "stalled": stalled,
