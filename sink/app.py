@@ -94,7 +94,7 @@ async def run(config: Config, stop: asyncio.Event | None = None) -> None:
     try:
         await _run(config, stop)
     except _Stopped:
-        log.info("stopped before start-up completed", worker=config.worker.id)
+        log.info("stopped before start-up completed")
 
 
 async def _run(config: Config, stop: asyncio.Event) -> None:
@@ -102,7 +102,8 @@ async def _run(config: Config, stop: asyncio.Event) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    log.info("starting", worker=config.worker.id, group=config.kafka.group_id)
+    structlog.contextvars.bind_contextvars(worker=config.worker.id)
+    log.info("starting", group=config.kafka.group_id)
 
     reader, inserter = clickhouse(config), clickhouse(config)
     features: ServerFeatures | None = await _until_up("clickhouse", reader.features, stop, config)
@@ -157,7 +158,7 @@ async def _run(config: Config, stop: asyncio.Event) -> None:
         await reader.close()
         await inserter.close()
         await http.stop()
-        log.info("stopped", worker=config.worker.id)
+        log.info("stopped")
 
 
 async def check(config: Config) -> dict[str, str | None]:

@@ -102,7 +102,7 @@ class Worker:
         self.key_prefix = config.dedup.key_prefix.encode()
         self.assignments = Assignments()
         self.clock = FreezeClock(threshold=max(0.5, config.kafka.session_timeout / 4))
-        self.log = log.bind(worker=config.worker.id)
+        self.log = log
 
         self._open = Batch()
         self._sealed: deque[Batch] = deque()
