@@ -12,13 +12,14 @@ import structlog
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from sink.clickhouse import ClickHouse, Schema, ServerFeatures
+from sink.clickhouse import ClickHouse, ServerFeatures
 from sink.config import Config
 from sink.consumer import DeadLetters, ensure_topic, make_consumer, make_producer, security
 from sink.dedup import RedisDedup
 from sink.errors import DependencyError, KafkaUnavailable
 from sink.health import HealthServer
 from sink.metrics import Metrics
+from sink.migrations import Migrator, Plan
 from sink.worker import Worker
 
 T = TypeVar("T")
@@ -35,17 +36,22 @@ def clickhouse(config: Config) -> ClickHouse:
     )
 
 
-async def migrate(config: Config, dry_run: bool = False) -> list[str]:
-    """Create the database, tables and views the worker needs, and the dead-letter topic."""
+def migrator(config: Config, ch: ClickHouse, features: ServerFeatures) -> Migrator:
+    return Migrator(
+        ch,
+        features,
+        config.clickhouse.events_table,
+        config.clickhouse.offsets_table,
+        config.meters,
+        owner=config.worker.id,
+    )
+
+
+async def migrate(config: Config, drop_removed: bool = False) -> list[str]:
+    """Bring the ClickHouse schema and meters up to date; create the dead-letter topic."""
     ch = clickhouse(config)
     try:
-        features = await ch.features()
-        schema = Schema(
-            ch, features, config.clickhouse.events_table, config.clickhouse.offsets_table
-        )
-        if dry_run:
-            return schema.statements()
-        done = await schema.apply()
+        done = await migrator(config, ch, await ch.features()).run(drop_removed)
     finally:
         await ch.close()
     if config.dlq.create:
@@ -56,6 +62,15 @@ async def migrate(config: Config, dry_run: bool = False) -> list[str]:
         except KafkaError as exc:
             raise KafkaUnavailable(f"cannot create dead-letter topic: {exc}") from exc
     return done
+
+
+async def plan(config: Config, drop_removed: bool = False) -> Plan:
+    """What `migrate` would run now, without running it."""
+    ch = clickhouse(config)
+    try:
+        return await migrator(config, ch, await ch.features()).plan(drop_removed)
+    finally:
+        await ch.close()
 
 
 class _Stopped(Exception):

@@ -10,9 +10,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Coroutine, Sequence
+from datetime import datetime
 from typing import Any
 
-from sink import __version__, app, config
+from sink import __version__, app, config, usage
 from sink.errors import SinkError
 from sink.logs import configure
 
@@ -34,10 +35,45 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate configuration, reach dependencies")
     check.add_argument("-c", "--config", required=True)
 
-    migrate = commands.add_parser("migrate", help="create the ClickHouse schema and DLQ topic")
+    migrate = commands.add_parser(
+        "migrate", help="apply schema migrations and meters, create the DLQ topic"
+    )
     migrate.add_argument("-c", "--config", required=True)
     migrate.add_argument("--dry-run", action="store_true", help="print the SQL, run nothing")
+    migrate.add_argument(
+        "--drop-removed",
+        action="store_true",
+        help="drop the tables of meters no longer configured (data is lost)",
+    )
+    usage = commands.add_parser("usage", help="print a meter's usage per window")
+    usage.add_argument("-c", "--config", required=True)
+    usage.add_argument("--meter", required=True, help="meter slug")
+    usage.add_argument("--namespace", help="customer namespace (default: all, per namespace)")
+    usage.add_argument("--subject", action="append", default=[], help="repeatable")
+    usage.add_argument("--from", dest="start", type=_moment, help="RFC 3339, inclusive")
+    usage.add_argument("--to", dest="end", type=_moment, help="RFC 3339, exclusive")
+    usage.add_argument(
+        "--window", default="HOUR", type=str.upper, choices=["MINUTE", "HOUR", "DAY", "MONTH"]
+    )
+    usage.add_argument("--tz", default="UTC", help="IANA time zone the windows align to")
+    usage.add_argument(
+        "--group-by",
+        action="append",
+        default=[],
+        help="subject or a group name of the meter; repeatable",
+    )
+    usage.add_argument("--format", default="table", choices=["table", "json", "csv"])
     return parser
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an RFC 3339 time: {text!r}") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset, e.g. Z or +02:00")
+    return moment
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,10 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "check":
             return _check(cfg)
+        if args.command == "usage":
+            return _usage(cfg, args)
         if args.command == "migrate":
-            for sql in _event_loop(app.migrate(cfg, dry_run=args.dry_run), False):
-                print(sql.strip() + ";\n")
-            return 0
+            return _migrate(cfg, args.dry_run, args.drop_removed)
     except SinkError as exc:
         print(f"sink: {exc}", file=sys.stderr)
         return 2
@@ -75,6 +111,59 @@ def _event_loop(coro: Coroutine[Any, Any, Any], use_uvloop: bool) -> Any:
         except ImportError:
             pass
     return asyncio.run(coro)
+
+
+def _migrate(cfg: config.Config, dry_run: bool, drop_removed: bool) -> int:
+    if not dry_run:
+        done = _event_loop(app.migrate(cfg, drop_removed), False)
+        print("\n".join(f"applied {v}" for v in done) or "nothing to do: schema is up to date")
+        return 0
+    plan = _event_loop(app.plan(cfg, drop_removed), False)
+    for version, statements in plan.apply:
+        print(f"-- {version}")
+        for sql in statements:
+            print(sql.strip() + ";\n")
+    for slug in plan.dropped:
+        print(f"-- drop meter {slug}: DROP TABLE meter_{slug}_mv, meter_{slug};\n")
+    for slug in plan.kept_removed:
+        print(f"-- meter {slug} is no longer configured; its data is kept (--drop-removed)")
+    if not (plan.apply or plan.dropped):
+        print("-- nothing to do: schema is up to date")
+    return 0
+
+
+def _usage(cfg: config.Config, args: argparse.Namespace) -> int:
+    meters = {m.slug: m for m in cfg.meters}
+    if args.meter not in meters:
+        known = ", ".join(sorted(meters)) or "none configured"
+        print(f"sink: unknown meter {args.meter!r} (meters: {known})", file=sys.stderr)
+        return 2
+
+    async def run() -> list[usage.UsageRow]:
+        ch = app.clickhouse(cfg)
+        try:
+            return await usage.query(
+                ch,
+                meters[args.meter],
+                events_table=cfg.clickhouse.events_table,
+                namespace=args.namespace,
+                subjects=args.subject,
+                start=args.start,
+                end=args.end,
+                window=args.window,
+                tz=args.tz,
+                group_by=args.group_by,
+            )
+        finally:
+            await ch.close()
+
+    try:
+        rows = _event_loop(run(), False)
+    except usage.UsageError as exc:
+        print(f"sink: {exc}", file=sys.stderr)
+        return 2
+    print(usage.render(rows, args.format))
+    return 0
 
 
 def _check(cfg: config.Config) -> int:

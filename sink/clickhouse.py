@@ -324,7 +324,7 @@ def event_columns(items: Sequence[Any], time_divisor: int) -> list[list[Any]]:
         times.append(event.time_ms // time_divisor)
         data.append(event.data)
         ingested.append(max(0, timestamp_ms) // time_divisor)
-        errors.append("")
+        errors.append(event.validation_error)
         topics.append(topic)
         partitions.append(partition)
         offsets.append(offset)

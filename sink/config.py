@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from sink.errors import ConfigError
+from sink.meters import Meter
 
 ENV_PREFIX = "SINK__"
 
@@ -197,6 +198,9 @@ class WorkerConfig(_Section):
 
 
 class Config(_Section):
+    meters: tuple[Meter, ...] = ()
+    """Meters declared inline; `meters_file` may name a YAML file with more."""
+    meters_file: str | None = None
     kafka: KafkaConfig = Field(default_factory=KafkaConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
@@ -209,6 +213,14 @@ class Config(_Section):
     @property
     def dlq_topic(self) -> str:
         return self.dlq.topic or f"{self.kafka.group_id}.dlq"
+
+    @model_validator(mode="after")
+    def _unique_meters(self) -> Config:
+        slugs = [m.slug for m in self.meters]
+        repeated = sorted({s for s in slugs if slugs.count(s) > 1})
+        if repeated:
+            raise ValueError(f"meter slugs must be unique; repeated: {', '.join(repeated)}")
+        return self
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
@@ -255,9 +267,19 @@ def _describe(error: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
-def build(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
-    """Validate a mapping (plus environment overrides) into a Config, or raise ConfigError."""
+def build(
+    data: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+    base: Path | None = None,
+) -> Config:
+    """Validate a mapping (plus environment overrides) into a Config, or raise ConfigError.
+    A relative `meters_file` is read from `base` (the configuration file's folder)."""
     merged = _apply_env(_deep_copy(data), os.environ if environ is None else environ)
+    if merged.get("meters_file"):
+        merged["meters"] = [
+            *(merged.get("meters") or []),
+            *_read_meters(Path(base or "."), str(merged["meters_file"])),
+        ]
     try:
         return Config.model_validate(merged)
     except ValidationError as exc:
@@ -277,7 +299,23 @@ def load(path: str | Path | None, environ: Mapping[str, str] | None = None) -> C
             raise ConfigError(f"{file}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{file}: expected a mapping of sections at the top level")
+        return build(data, environ, file.parent)
     return build(data, environ)
+
+
+def _read_meters(base: Path, name: str) -> list[Any]:
+    file = base / name
+    try:
+        content = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"meters_file not found: {file}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    if isinstance(content, dict):
+        content = content.get("meters")
+    if not isinstance(content, list):
+        raise ConfigError(f"{file}: expected a list of meters (or a mapping with `meters:`)")
+    return content
 
 
 def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -34,7 +35,9 @@ class Event(NamedTuple):
     subject: str
     time_ms: int
     data: str
-    """The `data` object as compact JSON text."""
+    """The `data` object as compact JSON text, top-level scalars first."""
+    validation_error: str = ""
+    """Why a meter of this event's type cannot read it (`[slug] reason; ...`), else ''."""
 
 
 class Rejection(NamedTuple):
@@ -71,7 +74,13 @@ REASONS = (
 )
 
 
-def decode(value: bytes | None, namespace: str, max_bytes: int) -> Event | Rejection:
+MeterCheck = Callable[[str, dict[str, Any]], str]
+"""(event type, data) -> '' or the reasons meters cannot read the event."""
+
+
+def decode(
+    value: bytes | None, namespace: str, max_bytes: int, check: MeterCheck | None = None
+) -> Event | Rejection:
     """Parse and validate one record value."""
     if not value:
         return Rejection(EMPTY, "record has no value")
@@ -85,7 +94,7 @@ def decode(value: bytes | None, namespace: str, max_bytes: int) -> Event | Rejec
         return Rejection(NOT_OBJECT, f"expected a JSON object, got {type(doc).__name__}")
     if _LONG_NUMBER.search(value) and _holds_wide_int(value):
         return Rejection(BAD_DATA, "an integer is outside the 64-bit range")
-    return validate(doc, namespace)
+    return validate(doc, namespace, check)
 
 
 _LONG_NUMBER = re.compile(rb"\d{19}")
@@ -108,7 +117,9 @@ def _holds_wide_int(value: bytes) -> bool:
     return False
 
 
-def validate(doc: dict[str, Any], namespace: str) -> Event | Rejection:
+def validate(
+    doc: dict[str, Any], namespace: str, check: MeterCheck | None = None
+) -> Event | Rejection:
     """Check a parsed document against CloudEvents 1.0 and our required fields."""
     if doc.get("specversion") != "1.0":
         return Rejection(BAD_SPECVERSION, "specversion must be the string '1.0'")
@@ -128,15 +139,26 @@ def validate(doc: dict[str, Any], namespace: str) -> Event | Rejection:
         return time_ms
     data = doc.get("data")
     if data is None:
-        data_text = "{}"
-    elif isinstance(data, dict):
+        data = {}
+    if isinstance(data, dict):
         try:
-            data_text = orjson.dumps(data).decode()
+            data_text = orjson.dumps(flat_first(data)).decode()
         except orjson.JSONEncodeError:
             return Rejection(BAD_DATA, "'data' is nested too deeply")
     else:
         return Rejection(BAD_DATA, f"'data' must be a JSON object, got {type(data).__name__}")
-    return Event(namespace, event_id, type_, source, subject, time_ms, data_text)
+    problems = check(type_, data) if check is not None else ""
+    return Event(namespace, event_id, type_, source, subject, time_ms, data_text, problems)
+
+
+def flat_first(data: dict[str, Any]) -> dict[str, Any]:
+    """Top-level scalars before nested objects: ClickHouse 18.16's visitParam functions take
+    the first `"name":` anywhere in the text, so a top-level property must come first."""
+    if not any(isinstance(v, dict | list) for v in data.values()):
+        return data
+    flat = {k: v for k, v in data.items() if not isinstance(v, dict | list)}
+    flat.update((k, v) for k, v in data.items() if isinstance(v, dict | list))
+    return flat
 
 
 _RFC3339 = re.compile(

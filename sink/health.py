@@ -75,7 +75,12 @@ class HealthServer:
                 + body
             )
             await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,  # a request head over the stream limit (64 KiB)
+            ConnectionError,
+        ):
+            pass  # not a request we answer; an unhandled error here would log a traceback
         finally:
             writer.close()

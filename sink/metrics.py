@@ -34,6 +34,12 @@ class Metrics:
         self.dead_letters = Counter(
             "sink_dead_letters", "Records sent to the dead-letter topic", ["reason"], registry=r
         )
+        self.meter_invalid = Counter(
+            "sink_meter_invalid_events",
+            "Events stored with a validation error, excluded from the meter",
+            ["meter"],
+            registry=r,
+        )
         self.batches = Counter("sink_batches", "Batches landed", registry=r)
         self.batches_dropped = Counter(
             "sink_batches_dropped",

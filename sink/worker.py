@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -29,11 +30,15 @@ from sink.clickhouse import EVENT_COLUMNS, ClickHouse, OffsetStore, event_column
 from sink.config import Config
 from sink.consumer import DeadLetters, Namespaces
 from sink.errors import ClickHouseRejected, DependencyError, RedisUnavailable
+from sink.meters import MeterIndex
 from sink.metrics import Metrics
 from sink.offsets import Assignments
 
 T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
+
+
+_METER_SLUG = re.compile(r"\[([a-z][a-z0-9_]*)\]")
 
 
 class Abandoned(Exception):
@@ -99,6 +104,7 @@ class Worker:
             config.batch.max_rows, config.batch.max_bytes, config.batch.max_wait
         )
         self.namespaces = Namespaces(config.kafka.topics_regex, config.events.namespace_header)
+        self.meter_check = MeterIndex(config.meters).check if config.meters else None
         self.key_prefix = config.dedup.key_prefix.encode()
         self.assignments = Assignments()
         self.clock = FreezeClock(threshold=max(0.5, config.kafka.session_timeout / 4))
@@ -218,6 +224,7 @@ class Worker:
     def _add(self, tp: TopicPartition, epoch: int, records: Sequence[Any]) -> None:
         batch, topic, partition = self._open, tp[0], tp[1]
         max_bytes = self.config.events.max_event_bytes
+        check = self.meter_check
         namespace = self.namespaces.of_topic(topic)
         by_header = self.config.events.namespace_header is not None
         items, rejects = batch.items, batch.rejects
@@ -227,7 +234,7 @@ class Worker:
             nbytes += len(value) if value else 0
             if by_header:
                 namespace = self.namespaces.of_record(topic, record.headers)
-            result = decoding.decode(value, namespace, max_bytes)
+            result = decoding.decode(value, namespace, max_bytes, check)
             if type(result) is decoding.Event:
                 items.append(Item(result, topic, partition, record.offset, record.timestamp))
             else:
@@ -577,6 +584,10 @@ class Worker:
             reasons[reject.reason.code] = reasons.get(reject.reason.code, 0) + 1
         for reason, count in reasons.items():
             m.dead_letters.labels(reason).inc(count)
+        for item in landed:
+            if item.event.validation_error:
+                for slug in _METER_SLUG.findall(item.event.validation_error):
+                    m.meter_invalid.labels(slug).inc()
         m.batches.inc()
         m.batch_rows.observe(batch.records)
         m.batch_bytes.observe(batch.nbytes)

@@ -177,7 +177,7 @@ class SinkProcess:
 def sink_config(services: Services, tmp_path: Path, uid: str) -> Callable[..., Path]:
     """Write a worker configuration for this test; keyword sections override defaults."""
 
-    def write(name: str = "sink", **sections: dict[str, Any]) -> Path:
+    def write(name: str = "sink", **sections: Any) -> Path:
         base = services.clickhouse.rsplit("/", 1)[0]
         data: dict[str, Any] = {
             "kafka": {
@@ -194,7 +194,10 @@ def sink_config(services: Services, tmp_path: Path, uid: str) -> Callable[..., P
             "worker": {"drain_timeout": "20s", "log_format": "json", "retry_max": "2s"},
         }
         for section, values in sections.items():
-            data.setdefault(section, {}).update(values)
+            if isinstance(values, dict):
+                data.setdefault(section, {}).update(values)
+            else:
+                data[section] = values
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
         return path

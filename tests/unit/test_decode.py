@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from sink import decode as d
-from sink.decode import Event, Rejection, decode
+from sink.decode import Event, Rejection, decode, flat_first
 
 NS = "acme"
 LIMIT = 1024 * 1024
@@ -96,7 +96,9 @@ def test_nested_data_is_reserialised_as_compact_json_equal_to_the_input() -> Non
     event = decode(encode(doc(data=data)), NS, LIMIT)
     assert isinstance(event, Event)
     assert json.loads(event.data) == data
-    assert event.data == json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    # Top-level scalars first (ClickHouse 18.16 reads the first match of a property name).
+    assert event.data == json.dumps(flat_first(data), separators=(",", ":"), ensure_ascii=False)
+    assert list(json.loads(event.data))[-2:] == ["tags", "nested"]
 
 
 @pytest.mark.parametrize(

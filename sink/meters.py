@@ -1,0 +1,303 @@
+"""Meters: declared aggregations of usage events into one-minute windows.
+
+Each meter is a materialized view from the raw `events` table into its own
+AggregatingMergeTree table holding aggregate-function states per
+(namespace, subject, minute, group-by values). This module defines meters, validates events
+against them in the worker, and builds their SQL for the connected server's features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from sink.clickhouse import ServerFeatures, quote
+
+Aggregation = Literal["SUM", "COUNT", "MIN", "MAX", "UNIQUE_COUNT", "LATEST", "AVG"]
+NUMERIC = frozenset({"SUM", "MIN", "MAX", "LATEST", "AVG"})
+RESERVED = frozenset({"namespace", "subject", "window_start", "window_end", "value"})
+_SLUG = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_STATE = {
+    "SUM": ("sum", "Float64"),
+    "MIN": ("min", "Float64"),
+    "MAX": ("max", "Float64"),
+    "AVG": ("avg", "Float64"),
+    "COUNT": ("count", None),
+    "UNIQUE_COUNT": ("uniqExact", "String"),
+    "LATEST": ("argMax", "Float64"),
+}
+
+
+class Meter(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    slug: str
+    event_type: str = Field(min_length=1)
+    aggregation: Aggregation
+    value_property: str | None = None
+    group_by: dict[str, str] = Field(default_factory=dict)
+    description: str = ""
+
+    @field_validator("aggregation", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("slug")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not _SLUG.match(value):
+            raise ValueError("a slug: lower-case letters, digits and _, starting with a letter")
+        return value
+
+    @field_validator("group_by")
+    @classmethod
+    def _groups(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            if not _NAME.match(name) or name in RESERVED:
+                raise ValueError(
+                    f"group name {name!r} must be an identifier and not one of {sorted(RESERVED)}"
+                )
+            if not path or any(not part for part in path.split(".")):
+                raise ValueError(f"group {name!r} needs a property path such as 'model'")
+        return value
+
+    @model_validator(mode="after")
+    def _value_property(self) -> Meter:
+        if self.aggregation == "COUNT":
+            if self.value_property:
+                raise ValueError("COUNT takes no value_property")
+        elif not self.value_property or any(not p for p in self.value_property.split(".")):
+            raise ValueError(f"{self.aggregation} needs a value_property (a property of data)")
+        return self
+
+    @property
+    def table(self) -> str:
+        return f"meter_{self.slug}"
+
+    @property
+    def view(self) -> str:
+        return f"meter_{self.slug}_mv"
+
+    def checksum(self) -> str:
+        """Identity of the definition: a changed meter is a different meter."""
+        body = self.model_dump(exclude={"description"})
+        return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def path(text: str) -> tuple[str, ...]:
+    return tuple(text.split("."))
+
+
+def lookup(data: Mapping[str, Any], where: Sequence[str]) -> Any:
+    node: Any = data
+    for part in where:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def group_value(value: Any) -> str:
+    """How a group-by property becomes a group key: strings as they are, other JSON values as
+    their JSON text, a missing property as ''. The SQL below computes the same."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
+
+
+class MeterIndex:
+    """The meters of each event type, for the worker's per-event check."""
+
+    def __init__(self, meters: Sequence[Meter]) -> None:
+        self.by_type: dict[str, list[tuple[Meter, tuple[str, ...] | None]]] = {}
+        for meter in meters:
+            where = path(meter.value_property) if meter.value_property else None
+            self.by_type.setdefault(meter.event_type, []).append((meter, where))
+
+    def __bool__(self) -> bool:
+        return bool(self.by_type)
+
+    def check(self, event_type: str, data: Mapping[str, Any]) -> str:
+        """'' if every meter of this type can read the event, else `[slug] why; ...`."""
+        meters = self.by_type.get(event_type)
+        if not meters:
+            return ""
+        problems = []
+        for meter, where in meters:
+            if where is None:
+                continue
+            value = lookup(data, where)
+            if value is None:
+                problems.append(f"[{meter.slug}] '{meter.value_property}' is missing")
+            elif meter.aggregation in NUMERIC and not _is_number(value):
+                problems.append(f"[{meter.slug}] '{meter.value_property}' is not a number")
+            elif isinstance(value, dict | list):
+                problems.append(f"[{meter.slug}] '{meter.value_property}' is not a scalar")
+        return "; ".join(problems)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return math.isfinite(value)
+
+
+class MeterSQL:
+    """SQL of one meter for one server: the table, the view, the backfill and the merge."""
+
+    def __init__(
+        self, meter: Meter, features: ServerFeatures, database: str, events_table: str
+    ) -> None:
+        self.meter = meter
+        self.features = features
+        self.db = database
+        self.events = f"`{database}`.`{events_table}`"
+        if not features.json_extract:
+            for where in self._paths():
+                if len(where) > 1:
+                    raise ValueError(
+                        f"meter {meter.slug}: nested property path {'.'.join(where)!r} needs "
+                        "ClickHouse 20.1 or newer (JSONExtract); this server reads top-level "
+                        "properties only"
+                    )
+
+    def _paths(self) -> list[tuple[str, ...]]:
+        found = [path(p) for p in self.meter.group_by.values()]
+        if self.meter.value_property:
+            found.append(path(self.meter.value_property))
+        return found
+
+    @property
+    def table(self) -> str:
+        return f"`{self.db}`.`{self.meter.table}`"
+
+    @property
+    def view(self) -> str:
+        return f"`{self.db}`.`{self.meter.view}`"
+
+    def _args(self, where: tuple[str, ...]) -> str:
+        return ", ".join(quote(p) for p in where)
+
+    def _number(self, where: tuple[str, ...]) -> str:
+        if self.features.json_extract:
+            return f"JSONExtractFloat(data, {self._args(where)})"
+        return f"visitParamExtractFloat(data, {quote(where[0])})"
+
+    def _raw(self, where: tuple[str, ...]) -> str:
+        if self.features.json_extract:
+            return f"JSONExtractRaw(data, {self._args(where)})"
+        return f"visitParamExtractRaw(data, {quote(where[0])})"
+
+    def _group(self, where: tuple[str, ...]) -> str:
+        if self.features.json_extract:
+            args = self._args(where)
+            return (
+                f"if(JSONType(data, {args}) = 'String', JSONExtractString(data, {args}), "
+                f"if(JSONType(data, {args}) = 'Null', '', JSONExtractRaw(data, {args})))"
+            )
+        key = quote(where[0])
+        return (
+            f"if(substring(visitParamExtractRaw(data, {key}), 1, 1) = '\"', "
+            f"visitParamExtractString(data, {key}), "
+            f"if(visitParamExtractRaw(data, {key}) = 'null', '', "
+            f"visitParamExtractRaw(data, {key})))"
+        )
+
+    def _readable(self) -> str:
+        """SQL twin of `MeterIndex.check`: rows stored before the meter existed were never
+        checked for it, so the view and the backfill test the value themselves too."""
+        if self.meter.aggregation == "COUNT":
+            return "1"
+        assert self.meter.value_property
+        where = path(self.meter.value_property)
+        numeric = self.meter.aggregation in NUMERIC
+        if self.features.json_extract:
+            kind = f"JSONType(data, {self._args(where)})"
+            if numeric:
+                return f"{kind} IN ('Int64', 'UInt64', 'Double')"
+            return f"{kind} NOT IN ('Null', 'Object', 'Array')"
+        raw = self._raw(where)
+        if numeric:
+            return f"match({raw}, '^-?[0-9]')"
+        return f"{raw} NOT IN ('', 'null') AND NOT match({raw}, '^[\\\\[{{]')"
+
+    def _time_type(self) -> str:
+        return "DateTime64(3, 'UTC')" if self.features.datetime64 else "DateTime('UTC')"
+
+    def _state_type(self) -> str:
+        function, argument = _STATE[self.meter.aggregation]
+        if self.meter.aggregation == "LATEST":
+            return f"AggregateFunction(argMax, Float64, {self._time_type()})"
+        if argument is None:
+            return f"AggregateFunction({function})"
+        return f"AggregateFunction({function}, {argument})"
+
+    def _state(self) -> str:
+        agg = self.meter.aggregation
+        if agg == "COUNT":
+            return "countState()"
+        assert self.meter.value_property
+        where = path(self.meter.value_property)
+        if agg == "UNIQUE_COUNT":
+            return f"uniqExactState({self._raw(where)})"
+        if agg == "LATEST":
+            return f"argMaxState({self._number(where)}, time)"
+        return f"{_STATE[agg][0]}State({self._number(where)})"
+
+    def merge(self) -> str:
+        return f"{_STATE[self.meter.aggregation][0]}Merge(value)"
+
+    @property
+    def group_columns(self) -> list[str]:
+        return [f"group_{name}" for name in self.meter.group_by]
+
+    def create_table(self) -> str:
+        groups = "".join(f"    `{c}` String,\n" for c in self.group_columns)
+        order = ", ".join(["namespace", "subject", "window_start", *self.group_columns])
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.table} (\n"
+            f"    namespace String,\n    subject String,\n    window_start DateTime('UTC'),\n"
+            f"{groups}    value {self._state_type()}\n"
+            f") ENGINE = AggregatingMergeTree()\nPARTITION BY toYYYYMM(window_start)\n"
+            f"ORDER BY ({order})"
+        )
+
+    def _select(self, stored: str) -> str:
+        groups = "".join(
+            f",\n    {self._group(path(p))} AS `group_{name}`"
+            for name, p in self.meter.group_by.items()
+        )
+        keys = ", ".join(
+            ["namespace", "subject", "window_start", *(f"`{c}`" for c in self.group_columns)]
+        )
+        return (
+            f"SELECT namespace, subject, toDateTime(toStartOfMinute(time), 'UTC') AS window_start"
+            f"{groups},\n    {self._state()} AS value\nFROM {self.events}\n"
+            f"WHERE type = {quote(self.meter.event_type)} "
+            f"AND position(validation_error, {quote('[' + self.meter.slug + ']')}) = 0 "
+            f"AND {self._readable()} AND {stored}\nGROUP BY {keys}"
+        )
+
+    def create_view(self, cutoff: int) -> str:
+        """The view counts rows stored from `cutoff` (epoch seconds) on; the backfill counts
+        the rows stored before it, so no row is counted twice or missed."""
+        return (
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {self.view} TO {self.table} AS\n"
+            + self._select(f"stored_at >= toDateTime({cutoff})")
+        )
+
+    def backfill(self, cutoff: int) -> str:
+        return f"INSERT INTO {self.table}\n" + self._select(f"stored_at < toDateTime({cutoff})")
+
+    def drop(self) -> list[str]:
+        return [f"DROP TABLE IF EXISTS {self.view}", f"DROP TABLE IF EXISTS {self.table}"]

@@ -1,0 +1,193 @@
+"""Usage queries: read a meter's table with the matching -Merge function, per window.
+
+    rows = await usage.query(ch, meter, namespace="acme", window="HOUR", tz="Europe/Paris",
+                             start=..., end=..., group_by=["model"])
+
+Windows are aligned in the given time zone. `start` and `end` select one-minute windows
+(`start <= window_start < end`), so they are rounded down to whole minutes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+
+from sink.clickhouse import ClickHouse, ServerFeatures, quote
+from sink.meters import Meter, MeterSQL
+
+Window = Literal["MINUTE", "HOUR", "DAY", "MONTH"]
+WINDOWS: tuple[Window, ...] = ("MINUTE", "HOUR", "DAY", "MONTH")
+
+
+class UsageError(ValueError):
+    """The query asks for something the meter or the server cannot give."""
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    window_start: datetime
+    window_end: datetime
+    namespace: str
+    value: float
+    subject: str | None = None
+    groups: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "window_start": self.window_start.isoformat(),
+            "window_end": self.window_end.isoformat(),
+            "namespace": self.namespace,
+        }
+        if self.subject is not None:
+            row["subject"] = self.subject
+        row.update(self.groups)
+        row["value"] = self.value
+        return row
+
+
+def _window_expr(window: Window, tz: str) -> str:
+    zone = quote(tz)
+    return {
+        "MINUTE": "toUInt32(window_start)",
+        "HOUR": f"toUInt32(toStartOfHour(window_start, {zone}))",
+        "DAY": f"toUInt32(toStartOfDay(window_start, {zone}))",
+        "MONTH": f"toUInt32(toDateTime(toStartOfMonth(window_start, {zone}), {zone}))",
+    }[window]
+
+
+def _window_end(start: datetime, window: Window) -> datetime:
+    """The next window start in the window's time zone (months and DST days vary)."""
+    if window == "MONTH":
+        year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+        return start.replace(year=year, month=month)
+    if window == "DAY":
+        return start + timedelta(days=1)  # wall-clock arithmetic: the next local midnight
+    step = timedelta(minutes=1) if window == "MINUTE" else timedelta(hours=1)
+    return (start.astimezone(UTC) + step).astimezone(start.tzinfo)
+
+
+def build_sql(
+    meter: Meter,
+    features: ServerFeatures,
+    database: str,
+    events_table: str,
+    *,
+    namespace: str | None,
+    subjects: Sequence[str],
+    start: datetime | None,
+    end: datetime | None,
+    window: Window,
+    tz: str,
+    group_by: Sequence[str],
+) -> tuple[str, list[str]]:
+    """The SELECT, and the names of the group columns it returns (after window, namespace)."""
+    if window not in WINDOWS:
+        raise UsageError(f"window must be one of {', '.join(WINDOWS)}")
+    unknown = [g for g in group_by if g != "subject" and g not in meter.group_by]
+    if unknown:
+        raise UsageError(
+            f"meter {meter.slug} cannot group by {', '.join(unknown)}; it groups by "
+            f"{', '.join(['subject', *meter.group_by])}"
+        )
+    sql = MeterSQL(meter, features, database, events_table)
+    keys = ["w", "namespace"]
+    names: list[str] = []
+    for group in group_by:
+        keys.append("subject" if group == "subject" else f"`group_{group}`")
+        names.append(group)
+    where = []
+    if namespace is not None:
+        where.append(f"namespace = {quote(namespace)}")
+    if subjects:
+        where.append(f"subject IN ({', '.join(quote(s) for s in subjects)})")
+    if start is not None:
+        where.append(f"window_start >= toDateTime({int(start.timestamp()) // 60 * 60})")
+    if end is not None:
+        where.append(f"window_start < toDateTime({int(end.timestamp()) // 60 * 60})")
+    text = (
+        f"SELECT {_window_expr(window, tz)} AS w, {', '.join(keys[1:])}, {sql.merge()} AS v\n"
+        f"FROM {sql.table}\n"
+        + (f"WHERE {' AND '.join(where)}\n" if where else "")
+        + f"GROUP BY {', '.join(keys)}\nORDER BY {', '.join(keys)}"
+    )
+    return text, names
+
+
+async def query(
+    ch: ClickHouse,
+    meter: Meter,
+    *,
+    events_table: str = "events",
+    namespace: str | None = None,
+    subjects: Sequence[str] = (),
+    start: datetime | None = None,
+    end: datetime | None = None,
+    window: Window = "HOUR",
+    tz: str = "UTC",
+    group_by: Sequence[str] = (),
+) -> list[UsageRow]:
+    """One row per window (and group), oldest first."""
+    try:
+        zone = ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageError(f"unknown time zone {tz!r}") from None
+    for moment in (start, end):
+        if moment is not None and moment.tzinfo is None:
+            raise UsageError("start and end need a UTC offset (RFC 3339)")
+    features = await ch.features()
+    sql, names = build_sql(
+        meter,
+        features,
+        ch.database,
+        events_table,
+        namespace=namespace,
+        subjects=subjects,
+        start=start,
+        end=end,
+        window=window,
+        tz=tz,
+        group_by=group_by,
+    )
+    rows = []
+    for w, ns, *rest in await ch.query(sql):
+        *group_values, value = rest
+        began = datetime.fromtimestamp(int(w), zone)
+        values = dict(zip(names, (str(v) for v in group_values), strict=True))
+        subject = values.pop("subject", None)
+        rows.append(
+            UsageRow(began, _window_end(began, window), str(ns), _number(value), subject, values)
+        )
+    return rows
+
+
+def _number(value: Any) -> float:
+    number = float(value)
+    return int(number) if number.is_integer() and abs(number) < 2**53 else number
+
+
+def render(rows: Sequence[UsageRow], fmt: Literal["table", "json", "csv"]) -> str:
+    records = [r.as_dict() for r in rows]
+    if fmt == "json":
+        return orjson.dumps(records, option=orjson.OPT_INDENT_2).decode()
+    columns = list(records[0]) if records else ["window_start", "window_end", "namespace", "value"]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        return out.getvalue().rstrip("\n")
+    table = [columns, *([str(r.get(c, "")) for c in columns] for r in records)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
