@@ -5,6 +5,7 @@ print what landed per customer. Reads KAFKA_BOOTSTRAP_SERVERS / REDIS_URL / CLIC
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -18,6 +19,7 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from sink import config, usage
 from sink.clickhouse import ClickHouse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +42,11 @@ def event(customer: str, rng: random.Random) -> tuple[bytes, bytes]:
     subject = f"{customer}-user-{rng.randrange(20)}"
     kind = rng.choice(["api.request", "llm.tokens"])
     data = (
-        {"route": rng.choice(["/v1/search", "/v1/items", "/v1/orders"]), "status": 200}
+        {
+            "route": rng.choice(["/v1/search", "/v1/items", "/v1/orders"]),
+            "user": f"{customer}-u{rng.randrange(40)}",
+            "status": 200,
+        }
         if kind == "api.request"
         else {"model": rng.choice(["small", "large"]), "tokens": rng.randrange(10, 4000)}
     )
@@ -98,15 +104,21 @@ async def wait_and_report(url: str, expected_new: int, before: int) -> None:
                 break
             await asyncio.sleep(1)
         print(f"\nlanded {count - before} new events (sent {expected_new} unique)\n")
-        rows = await ch.query(
-            f"SELECT namespace, type, count(), uniqExact(subject) FROM {table} "
-            "GROUP BY namespace, type ORDER BY namespace, type"
-        )
-        print(f"{'customer':<10} {'type':<12} {'events':>8} {'subjects':>9}")
-        for namespace, kind, events, subjects in rows:
-            print(f"{namespace:<10} {kind:<12} {events:>8} {subjects:>9}")
+        await print_usage(ch)
     finally:
         await ch.close()
+
+
+async def print_usage(ch: ClickHouse) -> None:
+    """Per-customer usage today (UTC), from the meters in config/meters.yaml."""
+    cfg = config.load(ROOT / "config" / "local.yaml")
+    for meter in cfg.meters:
+        rows = await usage.query(ch, meter, window="MONTH", group_by=list(meter.group_by))
+        print(
+            f"{meter.slug} ({meter.aggregation} of {meter.event_type}"
+            f"{', ' + meter.value_property if meter.value_property else ''}), this month:"
+        )
+        print(usage.render(rows, "table") + "\n")
 
 
 async def landed_count(url: str) -> int:
@@ -121,6 +133,7 @@ async def landed_count(url: str) -> int:
 
 
 def main() -> int:
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)  # leader elections of new topics
     bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:19092")
     url = "clickhouse://default:@127.0.0.1:19000/sink"
     topics = [f"om_{c}_events" for c in CUSTOMERS]
