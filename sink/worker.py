@@ -343,6 +343,8 @@ class Worker:
         self._paused -= set(tps)
         for tp in tps:
             self._lag.pop(tp, None)
+        gone = set(tps)
+        self._already_landed = {c for c in self._already_landed if (c[0], c[1]) not in gone}
 
     # ---------------------------------------------------------------- flush side
 
