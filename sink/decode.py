@@ -7,19 +7,18 @@ raises. One orjson parse per record, no other per-record allocation than the res
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import orjson
+from ciso8601 import parse_rfc3339
 
 REQUIRED_FIELDS = ("id", "source", "type", "subject", "time")
 MAX_FIELD_CHARS = 1024
 """id, source, type and subject are keys and labels, not payload: bounded."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
 # DateTime on every supported ClickHouse version stores unsigned 32-bit seconds.
 _MIN_TIME_MS = 0
 _MAX_TIME_MS = (2**32 - 1) * 1000
@@ -92,12 +91,7 @@ def decode(
         return Rejection(INVALID_JSON, f"not valid JSON: {exc}"[:500])
     if not isinstance(doc, dict):
         return Rejection(NOT_OBJECT, f"expected a JSON object, got {type(doc).__name__}")
-    if _LONG_NUMBER.search(value) and _holds_wide_int(value):
-        return Rejection(BAD_DATA, "an integer is outside the 64-bit range")
-    return validate(doc, namespace, check)
-
-
-_LONG_NUMBER = re.compile(rb"\d{19}")
+    return validate(doc, namespace, check, value)
 
 
 def _holds_wide_int(value: bytes) -> bool:
@@ -118,7 +112,10 @@ def _holds_wide_int(value: bytes) -> bool:
 
 
 def validate(
-    doc: dict[str, Any], namespace: str, check: MeterCheck | None = None
+    doc: dict[str, Any],
+    namespace: str,
+    check: MeterCheck | None = None,
+    raw: bytes | None = None,
 ) -> Event | Rejection:
     """Check a parsed document against CloudEvents 1.0 and our required fields."""
     if doc.get("specversion") != "1.0":
@@ -141,8 +138,11 @@ def validate(
     if data is None:
         data = {}
     if isinstance(data, dict):
+        ordered, suspicious = _inspect(data)
+        if suspicious and raw is not None and _holds_wide_int(raw):
+            return Rejection(BAD_DATA, "an integer is outside the 64-bit range")
         try:
-            data_text = orjson.dumps(flat_first(data)).decode()
+            data_text = orjson.dumps(ordered).decode()
         except orjson.JSONEncodeError:
             return Rejection(BAD_DATA, "'data' is nested too deeply")
     else:
@@ -151,35 +151,62 @@ def validate(
     return Event(namespace, event_id, type_, source, subject, time_ms, data_text, problems)
 
 
+_CONTAINERS = (dict, list)
+_WIDE = 2.0**63
+
+
 def flat_first(data: dict[str, Any]) -> dict[str, Any]:
     """Top-level scalars before nested objects: ClickHouse 18.16's visitParam functions take
     the first `"name":` anywhere in the text, so a top-level property must come first."""
-    if not any(isinstance(v, dict | list) for v in data.values()):
-        return data
-    flat = {k: v for k, v in data.items() if not isinstance(v, dict | list)}
-    flat.update((k, v) for k, v in data.items() if isinstance(v, dict | list))
-    return flat
+    return _inspect(data)[0]
 
 
-_RFC3339 = re.compile(
-    r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})", re.ASCII
-)
+def _inspect(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """`data` with scalars first, and whether it holds a float that may have been an integer
+    beyond 64 bits (orjson reads those as floats; they are then checked exactly)."""
+    nested = False
+    suspicious = False
+    for v in data.values():
+        if type(v) is float:
+            suspicious = suspicious or (abs(v) >= _WIDE and v.is_integer())
+        elif isinstance(v, _CONTAINERS):
+            nested = True
+    if not nested:
+        return data, suspicious
+    flat = {k: v for k, v in data.items() if not isinstance(v, _CONTAINERS)}
+    rest = {k: v for k, v in data.items() if isinstance(v, _CONTAINERS)}
+    suspicious = suspicious or _deep_wide(rest)
+    flat.update(rest)
+    return flat, suspicious
+
+
+def _deep_wide(node: Any) -> bool:
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if type(item) is float:
+            if abs(item) >= _WIDE and item.is_integer():
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def parse_time(text: str) -> int | Rejection:
     """RFC 3339 timestamp with an explicit offset -> epoch milliseconds."""
-    if not _RFC3339.fullmatch(text):
-        return Rejection(BAD_TIME, "'time' is not an RFC 3339 timestamp")
     try:
-        moment = datetime.fromisoformat(text.upper())
+        moment = parse_rfc3339(text)
     except ValueError:
         return Rejection(BAD_TIME, "'time' is not an RFC 3339 timestamp")
     if moment.tzinfo is None:
         return Rejection(BAD_TIME, "'time' has no UTC offset (RFC 3339 requires one)")
     try:
-        time_ms = (moment - _EPOCH) // _MS
+        since = moment - _EPOCH
     except OverflowError:
         return Rejection(BAD_TIME, "'time' is out of range")
+    time_ms = since.days * 86_400_000 + since.seconds * 1000 + since.microseconds // 1000
     if not _MIN_TIME_MS <= time_ms <= _MAX_TIME_MS:
         return Rejection(BAD_TIME, "'time' is outside 1970-01-01..2106-02-07")
     return time_ms
