@@ -12,12 +12,12 @@ import structlog
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from sink.clickhouse import ClickHouse, ServerFeatures
+from sink.clickhouse import ClickHouse, ServerFeatures, quote
 from sink.config import Config
 from sink.consumer import DeadLetters, ensure_topic, make_consumer, make_producer, security
 from sink.dedup import RedisDedup
-from sink.errors import DependencyError, KafkaUnavailable
-from sink.health import HealthServer
+from sink.errors import ClickHouseUnavailable, DependencyError, KafkaUnavailable
+from sink.health import HealthServer, Starting
 from sink.metrics import Metrics
 from sink.migrations import Migrator, Plan
 from sink.worker import Worker
@@ -120,16 +120,26 @@ async def _run(config: Config, stop: asyncio.Event) -> None:
     structlog.contextvars.bind_contextvars(worker=config.worker.id)
     log.info("starting", group=config.kafka.group_id)
 
+    metrics = Metrics()
+    http = HealthServer(Starting(), metrics.registry, config.http.host, config.http.port)
+    if config.http.enabled:
+        await http.start()  # live while waiting for dependencies, ready only once running
+        log.info("http listening", port=http.port)
+    try:
+        await _serve(config, stop, metrics, http)
+    finally:
+        await http.stop()
+
+
+async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: HealthServer) -> None:
     reader, inserter = clickhouse(config), clickhouse(config)
-    features: ServerFeatures | None = await _until_up("clickhouse", reader.features, stop, config)
-    if features is None:
-        return
+    features: ServerFeatures = await _until_up("clickhouse", reader.features, stop, config)
     log.info("clickhouse", version=".".join(map(str, features.version)))
-    if (
-        config.worker.migrate_on_start
-        and await _until_up("clickhouse", lambda: migrate(config), stop, config) is None
-    ):
-        return
+    if config.worker.migrate_on_start:
+        await _until_up("clickhouse", lambda: migrate(config), stop, config)
+    divisor = await _until_up(
+        "clickhouse", lambda: time_divisor(reader, config.clickhouse.events_table), stop, config
+    )
 
     store = None
     if config.dedup.enabled:
@@ -138,7 +148,6 @@ async def _run(config: Config, stop: asyncio.Event) -> None:
         )
     producer = make_producer(config)
     consumer = make_consumer(config)
-    metrics = Metrics()
     worker = Worker(
         config,
         consumer=consumer,
@@ -146,13 +155,10 @@ async def _run(config: Config, stop: asyncio.Event) -> None:
         store=store,
         inserter=inserter,
         reader=reader,
-        time_divisor=features.time_unit,
+        time_divisor=divisor,
         metrics=metrics,
     )
-    http = HealthServer(worker, metrics.registry, config.http.host, config.http.port)
-    if config.http.enabled:
-        await http.start()
-        log.info("http listening", port=http.port)
+    http.target = worker
     try:
         await _until_up("kafka", producer.start, stop, config)
         await _until_up("kafka", consumer.start, stop, config)
@@ -172,8 +178,19 @@ async def _run(config: Config, stop: asyncio.Event) -> None:
                 await store.close()
         await reader.close()
         await inserter.close()
-        await http.stop()
         log.info("stopped")
+
+
+async def time_divisor(ch: ClickHouse, events_table: str) -> int:
+    """From epoch milliseconds to the unit of the table's `time` column as it exists (a table
+    made on an older server keeps DateTime after the server is upgraded)."""
+    rows = await ch.query(
+        "SELECT type FROM system.columns WHERE database = "
+        f"{quote(ch.database)} AND table = {quote(events_table)} AND name = 'time'"
+    )
+    if not rows:
+        raise ClickHouseUnavailable(f"table {events_table} has no column `time` (not migrated?)")
+    return 1 if str(rows[0][0]).startswith("DateTime64") else 1000
 
 
 async def check(config: Config) -> dict[str, str | None]:

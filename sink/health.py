@@ -20,6 +20,16 @@ class Observable(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+class Starting:
+    """What the endpoints report before the worker exists: alive, not ready."""
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        return False, {"state": "starting"}
+
+    def status(self) -> dict[str, Any]:
+        return {"state": "starting"}
+
+
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
@@ -27,7 +37,7 @@ class HealthServer:
     def __init__(
         self, target: Observable, registry: CollectorRegistry, host: str, port: int
     ) -> None:
-        self._target = target
+        self.target = target
         self._registry = registry
         self._host = host
         self._port = port
@@ -35,7 +45,7 @@ class HealthServer:
         self._routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
             "/healthz": lambda: (200, "text/plain", b"ok\n"),
             "/readyz": self._ready,
-            "/status": lambda: (200, "application/json", orjson.dumps(self._target.status())),
+            "/status": lambda: (200, "application/json", orjson.dumps(self.target.status())),
             "/metrics": lambda: (200, CONTENT_TYPE_LATEST, generate_latest(self._registry)),
         }
 
@@ -46,7 +56,7 @@ class HealthServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     def _ready(self) -> tuple[int, str, bytes]:
-        ok, checks = self._target.readiness()
+        ok, checks = self.target.readiness()
         return (200 if ok else 503), "application/json", orjson.dumps({"ready": ok, **checks})
 
     async def start(self) -> None:

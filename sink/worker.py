@@ -120,7 +120,10 @@ class Worker:
         self._blocked_on: str | None = None
         self._stopping = False
         self._dependencies = {name: DependencyState() for name in ("kafka", "redis", "clickhouse")}
+        for name in self._dependencies:
+            metrics.up.labels(name).set(1)
         self._last_landed = time.monotonic()
+        self._lagging_since: float | None = None
         self._last_flush: dict[str, Any] = {}
         self._errors: deque[dict[str, Any]] = deque(maxlen=20)
         self._lag: dict[TopicPartition, int] = {}
@@ -430,6 +433,7 @@ class Worker:
             self.log.warning("dedup bypassed: redis unavailable", events=len(grouped.keys))
             return [occ[0] for occ in grouped.occurrences]
         self.metrics.dedup_seconds.observe(time.monotonic() - t0)
+        self._dependency_ok("redis")
         return dedup.keep(grouped, holders)
 
     async def _insert(self, batch: Batch, items: list[Item]) -> tuple[list[Item], list[Item]]:
@@ -470,6 +474,7 @@ class Worker:
                 self.config.clickhouse.insert_settings,
             )
             self.metrics.insert_seconds.observe(time.monotonic() - t0)
+            self._dependency_ok("clickhouse")
 
         await self._retry(attempt, batch)
 
@@ -538,11 +543,13 @@ class Worker:
     ) -> T:
         delay = self.config.worker.retry_initial
         attempt = 0
+        failed = ""
         while True:
             try:
                 result = await op()
             except DependencyError as exc:
                 attempt += 1
+                failed = exc.dependency
                 self._dependency_failed(exc.dependency, exc)
                 self.metrics.retries.labels(exc.dependency, type(exc).__name__).inc()
                 if give_up:
@@ -561,7 +568,8 @@ class Worker:
                     raise Abandoned from exc
                 continue
             if attempt:
-                self.log.info("dependency recovered", attempts=attempt)
+                self._dependency_ok(failed)
+                self.log.info("dependency recovered", dependency=failed, attempts=attempt)
             self._blocked_on = None
             return result
 
@@ -612,13 +620,30 @@ class Worker:
     async def _lag_loop(self) -> None:
         while True:
             await asyncio.sleep(2)
-            for tp in list(self.assignments.epochs):
-                high = self.consumer.highwater(KafkaTP(*tp))
-                if high is None:
-                    continue
-                lag = max(0, high - self.assignments.landed.get(tp, -1) - 1)
-                self._lag[tp] = lag
-                self.metrics.lag.labels(tp[0], str(tp[1])).set(lag)
+            await self._measure_lag()
+
+    async def _measure_lag(self) -> None:
+        held = {tp for b in (self._open, *self._sealed, self._flushing) if b for tp in b.ranges}
+        for tp in list(self.assignments.epochs):
+            ktp = KafkaTP(*tp)
+            high = self.consumer.highwater(ktp)
+            if high is None or tp in self.assignments.pending:
+                continue
+            done = self.assignments.landed.get(tp, -1) + 1
+            if tp not in held:
+                # Nothing of it in memory: every offset below the position has landed or
+                # carries no record (transaction markers, aborted records), which never land.
+                with contextlib.suppress(Exception):
+                    done = max(done, await asyncio.wait_for(self.consumer.position(ktp), 1))
+            if tp not in self.assignments.epochs:
+                continue
+            lag = max(0, high - done)
+            self._lag[tp] = lag
+            self.metrics.lag.labels(tp[0], str(tp[1])).set(lag)
+        if sum(self._lag.values()) == 0:
+            self._lagging_since = None
+        elif self._lagging_since is None:
+            self._lagging_since = time.monotonic()
 
     def _dependency_ok(self, name: str) -> None:
         state = self._dependencies[name]
@@ -640,7 +665,12 @@ class Worker:
         grace = self.config.http.ready_dependency_grace
         down = [n for n, s in self._dependencies.items() if not s.up and now - s.since > grace]
         lagging = sum(self._lag.values())
-        stalled = lagging > 0 and now - self._last_landed > self.config.http.ready_stall_after
+        since = self._lagging_since
+        stalled = (
+            lagging > 0
+            and since is not None
+            and now - max(self._last_landed, since) > self.config.http.ready_stall_after
+        )
         return not down and not stalled, {
             "dependencies_down": down,
             "stalled": stalled,
