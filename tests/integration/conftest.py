@@ -22,6 +22,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from sink.clickhouse import ClickHouse
 from tests.conftest import ROOT, Services
+from tests.integration.workload import REGEX, Workload, topics_for
 
 pytestmark = pytest.mark.integration
 
@@ -217,3 +218,31 @@ def run_sink(tmp_path: Path) -> Iterator[Callable[..., SinkProcess]]:
     yield start
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture
+def scenario(
+    make_topics: Callable[..., Any], sink_config: Callable[..., Path], uid: str
+) -> Callable[..., Any]:
+    """Topics (two namespaces, cross-topic duplicates possible), a generated workload on
+    them, and a worker configuration with small batches (many batches, many chances to
+    crash between them)."""
+
+    async def make(
+        seed: int,
+        events: int,
+        partitions: int = 3,
+        duplicate_share: float = 0.05,
+        invalid_share: float = 0.0,
+        **batch: Any,
+    ) -> tuple[Workload, Path]:
+        topics, namespaces = await topics_for(make_topics, uid, partitions=partitions)
+        work = Workload(topics, namespaces, partitions=partitions, seed=seed)
+        work.add(events, duplicate_share=duplicate_share, invalid_share=invalid_share)
+        config = sink_config(
+            kafka={"topics_regex": REGEX.format(uid=uid)},
+            batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 4000, **batch},
+        )
+        return work, config
+
+    return make

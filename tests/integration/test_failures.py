@@ -16,7 +16,13 @@ from aiokafka import AIOKafkaProducer
 from sink.clickhouse import ClickHouse
 from tests.conftest import Services
 from tests.integration.test_worker import REGEX, topics_for
-from tests.integration.workload import Workload, assert_exact, read_topic, wait_landed
+from tests.integration.workload import (
+    Workload,
+    assert_exact,
+    landed_exactly,
+    read_topic,
+    wait_landed,
+)
 
 
 async def test_rows_clickhouse_refuses_are_isolated_and_dead_lettered(
@@ -116,22 +122,13 @@ def _stack(services: Services, *args: str) -> None:
 async def test_dependency_restart_mid_stream_recovers_without_restarting_the_worker(
     service: str,
     services: Services,
-    make_topics: Callable[..., Any],
+    scenario: Callable[..., Any],
     producer: AIOKafkaProducer,
     clickhouse_db: ClickHouse,
-    sink_config: Callable[..., Any],
     run_sink: Callable[..., Any],
-    uid: str,
 ) -> None:
-    topics, namespaces = await topics_for(make_topics, uid, partitions=2)
-    work = Workload(topics, namespaces, partitions=2, seed=20)
-    work.add(15_000, duplicate_share=0.05, invalid_share=0.005)
-    proc = run_sink(
-        sink_config(
-            kafka={"topics_regex": REGEX.format(uid=uid)},
-            batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 4000},
-        )
-    )
+    work, config = await scenario(seed=20, events=15_000, partitions=2, invalid_share=0.005)
+    proc = run_sink(config)
     half = len(work.records) // 2
     await work.send(producer, work.records[:half], pace=0.02)
     await asyncio.sleep(2)
@@ -143,7 +140,6 @@ async def test_dependency_restart_mid_stream_recovers_without_restarting_the_wor
         await asyncio.sleep(3)
     await work.send(producer, work.records[half:], pace=0.02)
 
-    await wait_landed(clickhouse_db, work.ends, timeout=240, alive=lambda: proc.running)
-    await assert_exact(clickhouse_db, work.expected)
+    await landed_exactly(clickhouse_db, work, alive=lambda: proc.running, timeout=240)
     assert proc.running, "the worker must recover by itself"
     assert proc.stop() == 0

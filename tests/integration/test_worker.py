@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-import socket
 import urllib.request
 from collections.abc import Callable
 from functools import partial
@@ -15,7 +14,18 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from sink.clickhouse import ClickHouse
 from tests.conftest import Services
-from tests.integration.workload import Workload, assert_exact, read_topic, wait_landed
+from tests.integration.workload import (
+    REGEX,
+    Workload,
+    assert_exact,
+    free_port,
+    landed_exactly,
+    read_topic,
+    topics_for,
+    wait_landed,
+)
+
+__all__ = ["REGEX", "free_port", "topics_for"]  # used by the other suites
 
 
 async def until(condition: Callable[[], bool], timeout: float) -> None:
@@ -29,12 +39,6 @@ def _landing_or_done(proc: Any, sender: asyncio.Task[None]) -> bool:
     return '"batch landed"' in proc.logs() or sender.done()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     totals: dict[str, float] = {}
@@ -44,18 +48,6 @@ def scrape(port: int) -> dict[str, float]:
             name = name_labels.split("{", 1)[0]
             totals[name] = totals.get(name, 0.0) + float(value)
     return totals
-
-
-async def topics_for(
-    make_topics: Callable[..., Any], uid: str, partitions: int = 3
-) -> tuple[list[str], dict[str, str]]:
-    """Three topics: two of namespace `acme` (cross-topic duplicates), one of `globex`."""
-    names = [f"om_acme_{uid}", f"om_acme-2_{uid}", f"om_globex_{uid}"]
-    await make_topics(*names, partitions=partitions)
-    return names, {names[0]: "acme", names[1]: "acme", names[2]: "globex"}
-
-
-REGEX = r"^om_(?P<namespace>[a-z]+)(?:-[0-9]+)?_{uid}$"
 
 
 async def test_end_to_end_exactly_once_with_duplicates_and_dead_letters(
@@ -94,19 +86,14 @@ async def test_end_to_end_exactly_once_with_duplicates_and_dead_letters(
 
 async def test_kill_9_at_random_moments_keeps_the_table_exact(
     services: Services,
-    make_topics: Callable[..., Any],
+    scenario: Callable[..., Any],
     producer: AIOKafkaProducer,
     clickhouse_db: ClickHouse,
-    sink_config: Callable[..., Any],
     run_sink: Callable[..., Any],
     uid: str,
 ) -> None:
-    topics, namespaces = await topics_for(make_topics, uid)
-    work = Workload(topics, namespaces, partitions=3, seed=2)
-    work.add(30_000, duplicate_share=0.05, invalid_share=0.005)
-    config = sink_config(
-        kafka={"topics_regex": REGEX.format(uid=uid)},
-        batch={"max_rows": 1500, "max_wait": "200ms", "max_in_flight": 6000},
+    work, config = await scenario(
+        seed=2, events=30_000, invalid_share=0.005, max_rows=1500, max_in_flight=6000
     )
     # The stream lasts about as long as the ten kill cycles.
     sender = asyncio.create_task(work.send(producer, chunk=250, pace=0.6))
@@ -121,28 +108,19 @@ async def test_kill_9_at_random_moments_keeps_the_table_exact(
         proc = run_sink(config)
     await sender
 
-    await wait_landed(clickhouse_db, work.ends, timeout=240, alive=lambda: proc.running)
-    await assert_exact(clickhouse_db, work.expected)
+    await landed_exactly(clickhouse_db, work, alive=lambda: proc.running, timeout=240)
     dlq = await read_topic(services.kafka, f"sink-{uid}.dlq", want=len(work.invalid))
     assert set(r.value for r in dlq) == set(work.invalid)
     assert proc.stop() == 0
 
 
 async def test_workers_joining_and_leaving_mid_stream(
-    make_topics: Callable[..., Any],
+    scenario: Callable[..., Any],
     producer: AIOKafkaProducer,
     clickhouse_db: ClickHouse,
-    sink_config: Callable[..., Any],
     run_sink: Callable[..., Any],
-    uid: str,
 ) -> None:
-    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
-    work = Workload(topics, namespaces, partitions=4, seed=3)
-    work.add(20_000, duplicate_share=0.05, invalid_share=0.0)
-    config = sink_config(
-        kafka={"topics_regex": REGEX.format(uid=uid)},
-        batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 4000},
-    )
+    work, config = await scenario(seed=3, events=20_000, partitions=4)
     sender = asyncio.create_task(work.send(producer, pace=0.1))
 
     first = run_sink(config, name="a")
@@ -155,26 +133,17 @@ async def test_workers_joining_and_leaving_mid_stream(
     assert third.stop() == 0
     await sender
 
-    await wait_landed(clickhouse_db, work.ends, timeout=180, alive=lambda: first.running)
-    await assert_exact(clickhouse_db, work.expected)
+    await landed_exactly(clickhouse_db, work, alive=lambda: first.running)
     assert first.stop() == 0
 
 
 async def test_stale_owner_frozen_past_session_timeout_does_not_insert_twice(
-    make_topics: Callable[..., Any],
+    scenario: Callable[..., Any],
     producer: AIOKafkaProducer,
     clickhouse_db: ClickHouse,
-    sink_config: Callable[..., Any],
     run_sink: Callable[..., Any],
-    uid: str,
 ) -> None:
-    topics, namespaces = await topics_for(make_topics, uid, partitions=2)
-    work = Workload(topics, namespaces, partitions=2, seed=4)
-    work.add(12_000, duplicate_share=0.05, invalid_share=0.0)
-    config = sink_config(
-        kafka={"topics_regex": REGEX.format(uid=uid)},
-        batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 3000},
-    )
+    work, config = await scenario(seed=4, events=12_000, partitions=2)
     sender = asyncio.create_task(work.send(producer, pace=0.1))
     stale = run_sink(config, name="stale")
     await asyncio.sleep(4)
@@ -193,20 +162,13 @@ async def test_stale_owner_frozen_past_session_timeout_does_not_insert_twice(
 
 async def test_sigterm_drains_commits_and_restart_replays_nothing(
     services: Services,
-    make_topics: Callable[..., Any],
+    scenario: Callable[..., Any],
     producer: AIOKafkaProducer,
     clickhouse_db: ClickHouse,
-    sink_config: Callable[..., Any],
     run_sink: Callable[..., Any],
     uid: str,
 ) -> None:
-    topics, namespaces = await topics_for(make_topics, uid, partitions=2)
-    work = Workload(topics, namespaces, partitions=2, seed=5)
-    work.add(15_000, duplicate_share=0.05, invalid_share=0.0)
-    config = sink_config(
-        kafka={"topics_regex": REGEX.format(uid=uid)},
-        batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 3000},
-    )
+    work, config = await scenario(seed=5, events=15_000, partitions=2)
     sender = asyncio.create_task(work.send(producer, chunk=250, pace=0.4))
     proc = run_sink(config)
     await asyncio.sleep(6)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,6 +149,14 @@ async def assert_exact(ch: ClickHouse, expected: set[tuple[str, str, str]]) -> N
     )
 
 
+async def landed_exactly(
+    ch: ClickHouse, work: Workload, alive: Callable[[], bool], timeout: float = 180
+) -> None:
+    """Everything sent landed, and the raw table holds each unique valid event once."""
+    await wait_landed(ch, work.ends, timeout=timeout, alive=alive)
+    await assert_exact(ch, work.expected)
+
+
 async def read_topic(bootstrap: str, topic: str, want: int, timeout: float = 60) -> list[Any]:
     consumer = AIOKafkaConsumer(
         topic,
@@ -169,3 +178,21 @@ async def read_topic(bootstrap: str, topic: str, want: int, timeout: float = 60)
     finally:
         await consumer.stop()
     return got
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+REGEX = r"^om_(?P<namespace>[a-z]+)(?:-[0-9]+)?_{uid}$"
+
+
+async def topics_for(
+    make_topics: Callable[..., Any], uid: str, partitions: int = 3
+) -> tuple[list[str], dict[str, str]]:
+    """Three topics: two of namespace `acme` (cross-topic duplicates), one of `globex`."""
+    names = [f"om_acme_{uid}", f"om_acme-2_{uid}", f"om_globex_{uid}"]
+    await make_topics(*names, partitions=partitions)
+    return names, {names[0]: "acme", names[1]: "acme", names[2]: "globex"}
