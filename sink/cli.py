@@ -99,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SinkError as exc:
         print(f"sink: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a worker task failed; it was logged with its cause
+        print(f"sink: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 

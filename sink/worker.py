@@ -172,13 +172,19 @@ class Worker:
         ]
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if task is not stopped and task.exception() is not None:
-                self.log.error("task failed", task=task.get_name(), error=repr(task.exception()))
+        failed = [t for t in done if t is not stopped and t.exception() is not None]
+        for task in failed:
+            self.log.error("task failed", task=task.get_name(), error=repr(task.exception()))
         await self._drain(tasks[0])
         for task in [stopped, *tasks]:
             task.cancel()
         await asyncio.gather(stopped, *tasks, return_exceptions=True)
+        if failed:
+            # Exit non-zero: the supervisor (or Kubernetes) starts a fresh process, which
+            # resumes from the landed offsets.
+            raise RuntimeError(f"worker task {failed[0].get_name()} failed") from failed[
+                0
+            ].exception()
 
     async def _drain(self, poll: asyncio.Task[None]) -> None:
         """Stop fetching, land what is held, within the drain timeout."""
