@@ -118,19 +118,29 @@ def validate(
     raw: bytes | None = None,
 ) -> Event | Rejection:
     """Check a parsed document against CloudEvents 1.0 and our required fields."""
-    if doc.get("specversion") != "1.0":
+    get = doc.get
+    if get("specversion") != "1.0":
         return Rejection(BAD_SPECVERSION, "specversion must be the string '1.0'")
-    fields = []
-    for name in REQUIRED_FIELDS:
-        field = doc.get(name)
-        if field is None or field == "":
-            return Rejection(MISSING_FIELD, f"'{name}' is missing or empty")
-        if not isinstance(field, str):
-            return Rejection(WRONG_TYPE, f"'{name}' must be a string")
-        if len(field) > MAX_FIELD_CHARS:
-            return Rejection(FIELD_TOO_LONG, f"'{name}' is longer than {MAX_FIELD_CHARS} chars")
-        fields.append(field)
-    event_id, source, type_, subject, time_text = fields
+    event_id, source, type_, subject, time_text = (
+        get("id"),
+        get("source"),
+        get("type"),
+        get("subject"),
+        get("time"),
+    )
+    if not (
+        type(event_id) is str
+        and type(source) is str
+        and type(type_) is str
+        and type(subject) is str
+        and type(time_text) is str
+        and 0 < len(event_id) <= MAX_FIELD_CHARS
+        and 0 < len(source) <= MAX_FIELD_CHARS
+        and 0 < len(type_) <= MAX_FIELD_CHARS
+        and 0 < len(subject) <= MAX_FIELD_CHARS
+        and time_text
+    ):
+        return _field_problem(doc)
     time_ms = parse_time(time_text)
     if isinstance(time_ms, Rejection):
         return time_ms
@@ -149,6 +159,19 @@ def validate(
         return Rejection(BAD_DATA, f"'data' must be a JSON object, got {type(data).__name__}")
     problems = check(type_, data) if check is not None else ""
     return Event(namespace, event_id, type_, source, subject, time_ms, data_text, problems)
+
+
+def _field_problem(doc: dict[str, Any]) -> Rejection:
+    """The first required field that is missing, empty, not a string or too long."""
+    for name in REQUIRED_FIELDS:
+        field = doc.get(name)
+        if field is None or field == "":
+            return Rejection(MISSING_FIELD, f"'{name}' is missing or empty")
+        if not isinstance(field, str):
+            return Rejection(WRONG_TYPE, f"'{name}' must be a string")
+        if len(field) > MAX_FIELD_CHARS:
+            return Rejection(FIELD_TOO_LONG, f"'{name}' is longer than {MAX_FIELD_CHARS} chars")
+    raise AssertionError("called only for a document with a bad field")  # pragma: no cover
 
 
 _CONTAINERS = (dict, list)

@@ -26,6 +26,8 @@ from sink.errors import RedisUnavailable
 
 # One atomic SET NX GET EX per identity, all in one script call per batch (Redis >= 7.0).
 # KEYS: n identity keys, then pending-range keys; ARGV: ttl, n, n coordinates, range values.
+# The reply names only the keys held by other coordinates, as (index, holder) pairs: in the
+# usual batch almost every identity is new, and the reply stays small.
 _CLAIM = """
 local ttl = ARGV[1]
 local n = tonumber(ARGV[2])
@@ -33,7 +35,10 @@ local out = {}
 for i = 1, n do
   local coords = ARGV[i + 2]
   local previous = redis.call('SET', KEYS[i], coords, 'NX', 'GET', 'EX', ttl)
-  out[i] = previous or coords
+  if previous and previous ~= coords then
+    out[#out + 1] = i
+    out[#out + 1] = previous
+  end
 end
 for i = n + 1, #KEYS do
   redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ttl)
@@ -153,18 +158,19 @@ class RedisDedup:
         coords: Sequence[bytes],
         pending: Mapping[bytes, bytes] | None = None,
     ) -> list[bytes]:
-        holders: list[bytes] = []
+        holders = list(coords)
         extra_keys, extra_values = list((pending or {}).keys()), list((pending or {}).values())
         try:
             for start in range(0, max(1, len(keys)), _CHUNK):
                 chunk_keys = list(keys[start : start + _CHUNK])
                 chunk_coords = list(coords[start : start + _CHUNK])
-                result = await self._claim(
+                taken = await self._claim(
                     keys=chunk_keys + extra_keys,
                     args=[self._ttl, len(chunk_keys), *chunk_coords, *extra_values],
                 )
                 extra_keys, extra_values = [], []
-                holders.extend(result)
+                for at in range(0, len(taken), 2):
+                    holders[start + int(taken[at]) - 1] = taken[at + 1]
         except (RedisError, OSError) as exc:
             raise RedisUnavailable(f"dedup claim failed: {exc}") from exc
         return holders

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import random
 import re
 import time
@@ -38,6 +39,7 @@ T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
 
 
+_TIME_MS = operator.attrgetter("event.time_ms")
 _METER_SLUG = re.compile(r"\[([a-z][a-z0-9_]*)\]")
 
 
@@ -413,19 +415,20 @@ class Worker:
             )
         return fresh, already
 
-    def _pending_ranges(self, items: list[Item]) -> dict[bytes, bytes]:
+    def _pending_ranges(self, batch: Batch) -> dict[bytes, bytes]:
         """What this batch may insert, per partition: `first:last:tmin:tmax` (see DedupStore)."""
-        ranges, (low, high) = span(items)
+        low = min(map(_TIME_MS, batch.items)) // 1000
+        high = max(map(_TIME_MS, batch.items)) // 1000
         return {
-            dedup.pending_key(self.key_prefix, t, p): f"{first}:{last}:{low}:{high}".encode()
-            for (t, p), (first, last) in ranges.items()
+            dedup.pending_key(self.key_prefix, t, p): f"{r.first}:{r.last}:{low}:{high}".encode()
+            for (t, p), r in batch.ranges.items()
         }
 
     async def _deduplicate(self, batch: Batch) -> list[Item]:
         if self.store is None or not batch.items:
             return batch.items
         grouped = dedup.group(batch.items, self.key_prefix)
-        pending = self._pending_ranges(batch.items)
+        pending = self._pending_ranges(batch)
         store = self.store
         t0 = time.monotonic()
         try:
