@@ -84,8 +84,8 @@ class KafkaConfig(_Section):
     session_timeout: Duration = 10.0
     heartbeat_interval: Duration = 3.0
     max_poll_interval: Duration = 300.0
-    fetch_max_bytes: Size = 50 * 1024**2
-    max_partition_fetch_bytes: Size = 4 * 1024**2
+    fetch_max_bytes: Size = 16 * 1024**2
+    max_partition_fetch_bytes: Size = 2 * 1024**2
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
@@ -152,10 +152,10 @@ class ClickHouseConfig(_Section):
 
 
 class BatchConfig(_Section):
-    max_rows: int = Field(default=50_000, gt=0)
-    max_bytes: Size = 32 * 1024**2
+    max_rows: int = Field(default=25_000, gt=0)
+    max_bytes: Size = 16 * 1024**2
     max_wait: Duration = 1.0
-    max_in_flight: int = Field(default=200_000, gt=0)
+    max_in_flight: int = Field(default=100_000, gt=0)
     """Rows held in memory at most (buffered plus being flushed); partitions pause above it."""
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ raises. One orjson parse per record, no other per-record allocation than the res
 from __future__ import annotations
 
 import json
+from sys import intern
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -158,7 +159,17 @@ def validate(
     else:
         return Rejection(BAD_DATA, f"'data' must be a JSON object, got {type(data).__name__}")
     problems = check(type_, data) if check is not None else ""
-    return Event(namespace, event_id, type_, source, subject, time_ms, data_text, problems)
+    # Types, sources and subjects repeat across events: one string each keeps batches small.
+    return Event(
+        namespace,
+        event_id,
+        intern(type_),
+        intern(source),
+        intern(subject),
+        time_ms,
+        data_text,
+        problems,
+    )
 
 
 def _field_problem(doc: dict[str, Any]) -> Rejection:

@@ -40,8 +40,8 @@ def test_defaults_load_from_an_empty_mapping() -> None:
     assert cfg.dedup.on_error == "block"
     assert cfg.clickhouse.events_table == "events"
     assert cfg.clickhouse.offsets_table == "sink_offsets"
-    assert cfg.batch.max_rows == 50_000
-    assert cfg.batch.max_bytes == 32 * 1024**2
+    assert cfg.batch.max_rows == 25_000
+    assert cfg.batch.max_bytes == 16 * 1024**2
     assert cfg.batch.max_wait == 1.0
     assert cfg.batch.max_in_flight >= cfg.batch.max_rows
     assert cfg.http.port == 8080
