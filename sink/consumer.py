@@ -45,6 +45,9 @@ def make_consumer(config: Config) -> AIOKafkaConsumer:
         session_timeout_ms=int(k.session_timeout * 1000),
         heartbeat_interval_ms=int(k.heartbeat_interval * 1000),
         max_poll_interval_ms=int(k.max_poll_interval * 1000),
+        # A revoke lands what the worker holds for up to drain_timeout: the group must wait
+        # that long (and a little more) before it hands the partitions to another worker.
+        rebalance_timeout_ms=int((config.worker.drain_timeout + 10) * 1000),
         fetch_max_bytes=k.fetch_max_bytes,
         max_partition_fetch_bytes=k.max_partition_fetch_bytes,
         isolation_level="read_committed",

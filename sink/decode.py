@@ -7,9 +7,9 @@ raises. One orjson parse per record, no other per-record allocation than the res
 from __future__ import annotations
 
 import json
-from sys import intern
 from collections.abc import Callable
 from datetime import UTC, datetime
+from sys import intern
 from typing import Any, NamedTuple
 
 import orjson

@@ -8,6 +8,7 @@ ClickHouse and the consumer has been moved to `landed + 1`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -21,6 +22,9 @@ class Assignments:
     """Assigned, but not yet positioned at their landed offset."""
     landed: dict[TopicPartition, int] = field(default_factory=dict)
     """Last offset known to have landed in ClickHouse, per held partition."""
+    revoking: dict[TopicPartition, float] = field(default_factory=dict)
+    """Partitions being revoked, with the monotonic time after which they may not be
+    inserted any more (the group gives their next owner the go after its rebalance timeout)."""
     _counter: int = 0
 
     def assign(self, tps: Iterable[TopicPartition]) -> None:
@@ -29,14 +33,22 @@ class Assignments:
             self.epochs[tp] = self._counter
             self.pending.add(tp)
 
+    def begin_revoke(self, tps: Iterable[TopicPartition], deadline: float) -> None:
+        for tp in tps:
+            self.revoking[tp] = deadline
+
     def revoke(self, tps: Iterable[TopicPartition]) -> None:
         for tp in tps:
             self.epochs.pop(tp, None)
             self.pending.discard(tp)
             self.landed.pop(tp, None)
+            self.revoking.pop(tp, None)
 
     def owns(self, tp: TopicPartition, epoch: int) -> bool:
-        return self.epochs.get(tp) == epoch
+        if self.epochs.get(tp) != epoch:
+            return False
+        deadline = self.revoking.get(tp)
+        return deadline is None or time.monotonic() < deadline
 
     def lost(self, batch: Batch) -> list[TopicPartition]:
         """Partitions of the batch that are no longer held under the batch's epoch."""

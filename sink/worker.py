@@ -55,7 +55,8 @@ class DependencyState:
 
 
 class FreezeClock:
-    """Notices when the whole process stopped running (SIGSTOP, a VM pause, a long GC).
+    """Notices when the whole process stopped running (SIGSTOP, a VM pause, a long GC) for
+    half a session timeout: long enough that the group may have moved on.
 
     After such a freeze the group may have moved our partitions elsewhere without the
     consumer knowing yet; inserts wait one session timeout so a revoke can arrive first.
@@ -109,7 +110,7 @@ class Worker:
         self.meter_check = MeterIndex(config.meters).check if config.meters else None
         self.key_prefix = config.dedup.key_prefix.encode()
         self.assignments = Assignments()
-        self.clock = FreezeClock(threshold=max(0.5, config.kafka.session_timeout / 4))
+        self.clock = FreezeClock(threshold=max(1.0, config.kafka.session_timeout / 2))
         self.log = log
 
         self._open = Batch()
@@ -148,10 +149,14 @@ class Worker:
         tps = [(tp.topic, tp.partition) for tp in revoked]
         if not tps:
             return
-        # Land what we hold before the partitions move, so the next owner starts after it.
+        # Land what we hold before the partitions move, so the next owner starts after it;
+        # past the drain timeout nothing more of them is inserted (the group's rebalance
+        # timeout, a little longer, is what the next owner waits for).
+        budget = self.config.worker.drain_timeout
+        self.assignments.begin_revoke(tps, time.monotonic() + budget)
         self._seal()
         try:
-            await asyncio.wait_for(self._drained(), self.config.worker.drain_timeout)
+            await asyncio.wait_for(self._drained(), budget)
         except TimeoutError:
             self.log.warning(
                 "revoke: could not land in time, next owner replays", partitions=_names(tps)
@@ -231,6 +236,9 @@ class Worker:
                     self._add(tp, epoch, records)
             self._maybe_seal()
             self._backpressure()
+            # getmany does not yield while aiokafka holds fetched records: let heartbeats
+            # and the flusher run between polls.
+            await asyncio.sleep(0)
 
     def _add(self, tp: TopicPartition, epoch: int, records: Sequence[Any]) -> None:
         batch, topic, partition = self._open, tp[0], tp[1]

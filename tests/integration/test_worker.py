@@ -137,6 +137,28 @@ async def test_workers_joining_and_leaving_mid_stream(
     assert first.stop() == 0
 
 
+async def test_two_worker_processes_with_default_batches_land_exactly_once(
+    scenario: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    clickhouse_db: ClickHouse,
+    run_sink: Callable[..., Any],
+) -> None:
+    # Default-sized batches make the first flushes slow, so the second process joins while
+    # the first is still landing: its revoke must land (or give up) before the group moves on.
+    work, config = await scenario(
+        seed=6,
+        events=80_000,
+        partitions=4,
+        max_rows=25_000,
+        max_wait="1s",
+        max_in_flight=100_000,
+    )
+    await work.send(producer, chunk=2000)
+    proc = run_sink(config, workers=2)
+    await landed_exactly(clickhouse_db, work, alive=lambda: proc.running, timeout=300)
+    assert proc.stop() == 0
+
+
 async def test_stale_owner_frozen_past_session_timeout_does_not_insert_twice(
     scenario: Callable[..., Any],
     producer: AIOKafkaProducer,
