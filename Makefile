@@ -7,6 +7,7 @@ STACK := bash scripts/stack.sh
 PYTEST_ARGS ?=
 
 .PHONY: venv stack-up stack-down stack-status test unit lint format demo bench deploy-check clean
+BENCH_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +44,11 @@ format: venv
 
 demo: venv stack-up
 	eval "$$($(STACK) env)" && $(PY) scripts/demo.py
+
+# Throughput, ceilings, peer, delay, memory (benchmarks/README.md). Prints the table.
+bench: venv stack-up
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	eval "$$($(STACK) env)" && $(PY) -m benchmarks.run $(BENCH_ARGS)
 
 deploy-check:
 	bash scripts/check-deploy.sh
