@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STACK := bash scripts/stack.sh
 PYTEST_ARGS ?=
 
-.PHONY: venv stack-up stack-down stack-status test unit lint format demo bench deploy-check clean
+.PHONY: venv stack-up stack-down stack-status test faults soak unit lint format demo bench deploy-check clean
 BENCH_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -28,7 +28,17 @@ stack-status:
 
 # Unit tests, then integration tests against the real Kafka, Redis and ClickHouse.
 test: venv stack-up
+	bash scripts/toxiproxy.sh up
 	eval "$$($(STACK) env)" && $(PY) -m pytest $(PYTEST_ARGS)
+
+# The fault suite alone, and its long soak variant.
+faults: venv stack-up
+	bash scripts/toxiproxy.sh up
+	eval "$$($(STACK) env)" && $(PY) -m pytest tests/faults $(PYTEST_ARGS)
+
+soak: venv stack-up
+	bash scripts/toxiproxy.sh up
+	eval "$$($(STACK) env)" && $(PY) -m pytest tests/faults -m slow $(PYTEST_ARGS)
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

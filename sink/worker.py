@@ -306,12 +306,18 @@ class Worker:
             self._dependency_ok("clickhouse")
         except DependencyError as exc:
             self._dependency_failed("clickhouse", exc)
+            self.log.warning("cannot read landed offsets, retrying", error=str(exc)[:300])
             await asyncio.sleep(_jitter(self.config.worker.retry_initial))
             return
         try:
             await self._find_interrupted(tps, landed)
         except DependencyError as exc:
             self._dependency_failed(exc.dependency, exc)
+            self.log.warning(
+                "cannot check pending ranges, retrying",
+                dependency=exc.dependency,
+                error=str(exc)[:300],
+            )
             await asyncio.sleep(_jitter(self.config.worker.retry_initial))
             return
         for (topic, partition), offset in self.assignments.position(tps, landed).items():

@@ -51,11 +51,6 @@ TOXIPROXY_SCRIPT = ROOT / "scripts" / "toxiproxy.sh"
 RESULTS = ROOT / ".stack" / "faults" / "results.jsonl"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "faults: fault-injection suite (tests/faults)")
-    config.addinivalue_line("markers", "slow: long-running variant, run on demand (-m slow)")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     wants_slow = "slow" in (config.getoption("markexpr", "") or "")
     for item in items:
