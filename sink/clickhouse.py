@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from asynch.errors import ClickHouseException, ColumnException, ServerException
 from asynch.proto.connection import Connection as NativeConnection
+from asynch.proto.context import ExecuteContext
 from asynch.proto.utils.dsn import parse_dsn
 
 from sink.errors import ClickHouseRejected, ClickHouseUnavailable, ConfigError
@@ -100,6 +101,10 @@ def quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+class InsertWithdrawn(Exception):
+    """`insert_columns(prepare=...)` was told not to send the rows: nothing was written."""
+
+
 class ClickHouse:
     """One native connection with timeouts, error classification and reconnect on failure.
 
@@ -138,8 +143,12 @@ class ClickHouse:
 
     async def _run(self, query: str, **kwargs: Any) -> Any:
         conn = await self._connection()
+        return await self._guard(conn.execute(query, **kwargs))
+
+    async def _guard(self, work: Awaitable[Any]) -> Any:
+        """Await `work` on the connection with the query timeout; classify failures."""
         try:
-            return await asyncio.wait_for(conn.execute(query, **kwargs), self._query_timeout)
+            return await asyncio.wait_for(work, self._query_timeout)
         except ServerException as exc:
             await self._drop()
             raise ClickHouseUnavailable(f"server error {exc.code}: {exc}") from exc
@@ -155,7 +164,7 @@ class ClickHouse:
         except (OSError, EOFError, TimeoutError) as exc:
             await self._drop()
             raise ClickHouseUnavailable(f"{type(exc).__name__}: {exc}") from exc
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, InsertWithdrawn):
             await self._drop()
             raise
 
@@ -170,13 +179,30 @@ class ClickHouse:
         self,
         table: str,
         columns: Sequence[str],
-        data: Sequence[list[Any]],
+        data: Sequence[list[Any]] | None = None,
         settings: Mapping[str, Any] | None = None,
+        *,
+        prepare: Callable[[], Sequence[list[Any]] | None] | None = None,
+        query_id: str = "",
     ) -> int:
-        """One INSERT of one columnar block."""
+        """One INSERT of one columnar block.
+
+        With `prepare`, the block is built only after the server accepted the query and
+        answered with the table's structure, right before the rows are sent: `prepare`
+        returns the columns, or None to withdraw (the connection is dropped before any row
+        is sent, so the server writes nothing; raises `InsertWithdrawn`). That round trip can
+        take long; a caller that must not send rows after losing the right to (a frozen
+        process, a moved partition) decides at the last moment.
+        """
         sql = f"INSERT INTO {self.table(table)} ({', '.join(columns)}) VALUES"
-        inserted: int = await self._run(
-            sql, args=data, columnar=True, settings=dict(settings or {}), types_check=False
+        if prepare is None:
+            if data is None:
+                raise ValueError("insert_columns: data or prepare")
+            block = data
+            prepare = lambda: block  # noqa: E731
+        conn = await self._connection()
+        inserted: int = await self._guard(
+            _insert_stepwise(conn, sql, prepare, dict(settings or {}), query_id)
         )
         return inserted
 
@@ -189,6 +215,28 @@ class ClickHouse:
 
     async def close(self) -> None:
         await self._drop()
+
+
+async def _insert_stepwise(
+    conn: Any,  # the driver's Connection; its stepwise methods carry no annotations
+    sql: str,
+    prepare: Callable[[], Sequence[list[Any]] | None],
+    settings: dict[str, Any],
+    query_id: str,
+) -> int:
+    """The driver's INSERT, step by step: query, sample block, `prepare()`, rows, end."""
+    async with ExecuteContext(conn, sql, settings):
+        await conn.send_query(sql, query_id=query_id)
+        await conn.send_external_tables(None)
+        sample = await conn.receive_sample_block()
+        data = prepare()
+        if data is None:
+            raise InsertWithdrawn
+        inserted: int = await conn.send_data(sample, data, types_check=False, columnar=True)
+        packet = await conn._receive_packet()  # the driver's own end-of-insert read
+        if packet.exception:
+            raise packet.exception
+        return inserted
 
 
 class Schema:

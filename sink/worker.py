@@ -27,7 +27,13 @@ from aiokafka.errors import KafkaError
 from sink import decode as decoding
 from sink import dedup
 from sink.batch import Batch, Item, Reject, TopicPartition, Triggers, due, span
-from sink.clickhouse import EVENT_COLUMNS, ClickHouse, OffsetStore, event_columns
+from sink.clickhouse import (
+    EVENT_COLUMNS,
+    ClickHouse,
+    InsertWithdrawn,
+    OffsetStore,
+    event_columns,
+)
 from sink.config import Config
 from sink.consumer import DeadLetters, Namespaces
 from sink.errors import ClickHouseRejected, DependencyError, RedisUnavailable
@@ -102,6 +108,16 @@ class Worker:
         self.offsets = OffsetStore(reader, config.clickhouse.offsets_table)
         self.landing_offsets = OffsetStore(inserter, config.clickhouse.offsets_table)
         self.time_divisor = time_divisor
+        # The server gives up on an INSERT whose client stopped sending for this long, so a
+        # frozen worker's half-sent insert ends well before the group can hand its partitions
+        # to another worker. Servers 20.x+ read the client's send_timeout as their receive
+        # timeout, 18.x reads receive_timeout: both are set.
+        stall = max(1, int(config.kafka.session_timeout / 2))
+        self.insert_settings: dict[str, Any] = {
+            "receive_timeout": stall,
+            "send_timeout": stall,
+            **config.clickhouse.insert_settings,
+        }
         self.metrics = metrics
         self.triggers = Triggers(
             config.batch.max_rows, config.batch.max_bytes, config.batch.max_wait
@@ -482,22 +498,44 @@ class Worker:
 
         async def attempt() -> None:
             nonlocal unknown
-            rows = await self._fence(batch, items)
-            if unknown:
-                rows = await self._not_yet_landed(batch, rows)
-            if not rows:
+            while True:
+                rows = await self._fence(batch, items)
+                if unknown:
+                    rows = await self._not_yet_landed(batch, rows)
+                if not rows:
+                    return
+                fenced_at = time.monotonic()
+
+                def prepare(
+                    rows: list[Item] = rows, fenced_at: float = fenced_at
+                ) -> list[list[Any]] | None:
+                    # The server answered the query; the rows go out now or never. A freeze
+                    # or a revoke during that round trip sends the attempt back to the fence.
+                    nonlocal unknown
+                    if self.clock.check() >= fenced_at:
+                        return None
+                    lost = set(self.assignments.lost(batch))
+                    if lost:
+                        rows = [i for i in rows if (i.topic, i.partition) not in lost]
+                    if not rows:
+                        return None
+                    unknown = True
+                    return event_columns(rows, self.time_divisor)
+
+                t0 = time.monotonic()
+                try:
+                    await self.inserter.insert_columns(
+                        self.config.clickhouse.events_table,
+                        EVENT_COLUMNS,
+                        settings=self.insert_settings,
+                        prepare=prepare,
+                    )
+                except InsertWithdrawn:
+                    self.log.warning("insert withdrawn before its rows were sent: re-fencing")
+                    continue
+                self.metrics.insert_seconds.observe(time.monotonic() - t0)
+                self._dependency_ok("clickhouse")
                 return
-            unknown = True
-            data = event_columns(rows, self.time_divisor)
-            t0 = time.monotonic()
-            await self.inserter.insert_columns(
-                self.config.clickhouse.events_table,
-                EVENT_COLUMNS,
-                data,
-                self.config.clickhouse.insert_settings,
-            )
-            self.metrics.insert_seconds.observe(time.monotonic() - t0)
-            self._dependency_ok("clickhouse")
 
         await self._retry(attempt, batch)
 

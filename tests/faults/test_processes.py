@@ -93,14 +93,6 @@ async def test_kill_9_one_of_three_workers_in_a_loop_while_the_others_keep_landi
         assert w.stop() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the ownership fence runs before the INSERT starts; the driver then sends "
-    "the query, waits for the server's sample block and only then sends the rows. A worker "
-    "frozen during that round trip sends the rows when it wakes, after the new owner landed "
-    "them again (seen: 197 to 570 rows twice). Fix: fence again after the sample block, before the "
-    "data (see docs/faults.md).",
-)
 async def test_stale_owner_frozen_inside_a_slow_insert_does_not_land_it_after_takeover(
     services: Services,
     make_topics: Callable[..., Any],

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import redis.asyncio as redis_async
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from sink.clickhouse import ClickHouse
+from sink.clickhouse import ClickHouse, InsertWithdrawn
+from sink.errors import ClickHouseUnavailable
 from tests.conftest import Services
 
 
@@ -91,3 +95,46 @@ async def test_clickhouse_native_insert_and_read_back(clickhouse_db: ClickHouse)
     )
     assert inserted == 1000
     assert rows == [(1000, sum(ids), "n999", 1_700_000_999)]
+
+
+async def test_an_insert_withdrawn_after_the_sample_block_writes_nothing(
+    clickhouse_db: ClickHouse,
+) -> None:
+    """`prepare` runs after the server answered the query; returning None sends no rows,
+    and the client goes on working with a new connection."""
+    table = clickhouse_db.table("withdrawn")
+    await clickhouse_db.execute(f"CREATE TABLE {table} (x UInt32) ENGINE = MergeTree ORDER BY x")
+    asked: list[int] = []
+
+    def prepare() -> list[list[int]] | None:
+        asked.append(1)
+        return None
+
+    with pytest.raises(InsertWithdrawn):
+        await clickhouse_db.insert_columns("withdrawn", ("x",), prepare=prepare)
+    assert asked == [1]
+    assert await clickhouse_db.insert_columns("withdrawn", ("x",), prepare=lambda: [[7, 8]]) == 2
+    assert await clickhouse_db.query(f"SELECT groupArray(x) FROM {table}") == [([7, 8],)]
+
+
+async def test_the_server_drops_an_insert_whose_client_stalls_before_the_rows(
+    clickhouse_db: ClickHouse,
+) -> None:
+    """The stall timeout the worker sets on its inserts: a client that stops between the
+    server's answer and the rows (a frozen process) finds its insert gone when it resumes."""
+    table = clickhouse_db.table("stalled")
+    await clickhouse_db.execute(f"CREATE TABLE {table} (x UInt32) ENGINE = MergeTree ORDER BY x")
+
+    def frozen() -> list[list[int]]:
+        time.sleep(3.5)  # blocks the event loop as SIGSTOP would
+        return [[1, 2, 3]]
+
+    with pytest.raises(ClickHouseUnavailable):
+        await clickhouse_db.insert_columns(
+            "stalled",
+            ("x",),
+            settings={"receive_timeout": 1, "send_timeout": 1},
+            prepare=frozen,
+        )
+    await asyncio.sleep(0.5)
+    assert await clickhouse_db.query(f"SELECT count() FROM {table}") == [(0,)]
