@@ -12,7 +12,7 @@ import re
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from asynch.errors import ClickHouseException, ColumnException, ServerException
 from asynch.proto.connection import Connection as NativeConnection
@@ -254,6 +254,10 @@ class Schema:
     def offsets_view(self) -> str:
         return f"{self.events_table}_to_{self.offsets_table}"
 
+    @property
+    def topics_table(self) -> str:
+        return topics_table(self.offsets_table)
+
     def _lc(self, type_: str) -> str:
         return f"LowCardinality({type_})" if self.features.low_cardinality else type_
 
@@ -296,6 +300,14 @@ SELECT toString(_topic) AS topic, toUInt32(_partition) AS kafka_partition,
     toUInt64(max(_offset)) AS landed_offset, now() AS updated_at
 FROM {events}
 GROUP BY _topic, _partition""",
+            # Incarnations of each topic name, by Kafka topic id (see sink.topics).
+            f"""CREATE TABLE IF NOT EXISTS {self.ch.table(self.topics_table)} (
+    topic String,
+    topic_id String,
+    storage_key String,
+    seen_at DateTime('UTC') DEFAULT now()
+) ENGINE = ReplacingMergeTree()
+ORDER BY (topic, topic_id)""",
         ]
 
     async def apply(self) -> list[str]:
@@ -307,22 +319,46 @@ GROUP BY _topic, _partition""",
         return done
 
 
-class OffsetStore:
-    """Reads and writes landed offsets in ClickHouse, the source of truth for what landed."""
+def topics_table(offsets_table: str) -> str:
+    return f"{offsets_table}_topics"
 
-    def __init__(self, ch: ClickHouse, offsets_table: str) -> None:
+
+class StorageKeys(Protocol):
+    """Kafka topic name <-> the name rows and offsets are stored under (`sink.topics`)."""
+
+    def key(self, name: str) -> str: ...
+
+    def name(self, key: str) -> str: ...
+
+
+class PlainNames:
+    """Every topic stored under its own name."""
+
+    def key(self, name: str) -> str:
+        return name
+
+    def name(self, key: str) -> str:
+        return key
+
+
+class OffsetStore:
+    """Reads and writes landed offsets in ClickHouse, the source of truth for what landed.
+    Takes and returns Kafka topic names; stores under their storage keys."""
+
+    def __init__(self, ch: ClickHouse, offsets_table: str, keys: StorageKeys | None = None) -> None:
         self.ch = ch
         self.table = offsets_table
+        self.keys = keys or PlainNames()
 
     async def landed(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
         if not topics:
             return {}
-        names = ", ".join(quote(t) for t in sorted(set(topics)))
+        names = ", ".join(quote(self.keys.key(t)) for t in sorted(set(topics)))
         rows = await self.ch.query(
             f"SELECT topic, kafka_partition, max(landed_offset) FROM {self.ch.table(self.table)} "
             f"WHERE topic IN ({names}) GROUP BY topic, kafka_partition"
         )
-        return {(str(t), int(p)): int(o) for t, p, o in rows}
+        return {(self.keys.name(str(t)), int(p)): int(o) for t, p, o in rows}
 
     async def present(
         self,
@@ -334,8 +370,10 @@ class OffsetStore:
         rows' event time (epoch seconds) so only the months concerned are read."""
         if not ranges:
             return set()
+        key = self.keys.key
         which = " OR ".join(
-            f"(_topic = {quote(t)} AND _partition = {p} AND _offset BETWEEN {first} AND {last})"
+            f"(_topic = {quote(key(t))} AND _partition = {p} "
+            f"AND _offset BETWEEN {first} AND {last})"
             for (t, p), (first, last) in sorted(ranges.items())
         )
         low, high = time_bounds
@@ -344,7 +382,7 @@ class OffsetStore:
             f"WHERE time >= toDateTime({int(low)}) AND time < toDateTime({int(high) + 1}) "
             f"AND ({which})"
         )
-        return {(str(t), int(p), int(o)) for t, p, o in rows}
+        return {(self.keys.name(str(t)), int(p), int(o)) for t, p, o in rows}
 
     async def record(self, landed: Mapping[tuple[str, int], int]) -> None:
         """Write offsets of ranges that produced no raw rows (duplicates, dead letters)."""
@@ -352,15 +390,18 @@ class OffsetStore:
             return
         items = sorted(landed.items())
         data: list[list[Any]] = [
-            [t for (t, _), _ in items],
+            [self.keys.key(t) for (t, _), _ in items],
             [p for (_, p), _ in items],
             [o for _, o in items],
         ]
         await self.ch.insert_columns(self.table, OFFSET_COLUMNS, data)
 
 
-def event_columns(items: Sequence[Any], time_divisor: int) -> list[list[Any]]:
-    """Columnar block for EVENT_COLUMNS from batch items (`sink.batch.Item`)."""
+def event_columns(
+    items: Sequence[Any], time_divisor: int, keys: StorageKeys | None = None
+) -> list[list[Any]]:
+    """Columnar block for EVENT_COLUMNS from batch items (`sink.batch.Item`); `_topic` is
+    the topic's storage key."""
     namespace, ids, types, sources, subjects, times, data = [], [], [], [], [], [], []
     ingested, errors, topics, partitions, offsets = [], [], [], [], []
     for event, topic, partition, offset, timestamp_ms in items:
@@ -376,6 +417,10 @@ def event_columns(items: Sequence[Any], time_divisor: int) -> list[list[Any]]:
         topics.append(topic)
         partitions.append(partition)
         offsets.append(offset)
+    if keys is not None:
+        stored = {t: keys.key(t) for t in set(topics)}
+        if any(t != k for t, k in stored.items()):
+            topics = [stored[t] for t in topics]
     return [
         namespace,
         ids,

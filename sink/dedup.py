@@ -15,7 +15,7 @@ a later repeat of the same batch (a replay whose order changed), that repeat is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import redis.asyncio as redis_async
@@ -212,9 +212,13 @@ class Grouped(NamedTuple):
     """Every item of each key, in batch order."""
 
 
-def group(items: Sequence[Any], prefix: bytes) -> Grouped:
+def _plain(topic: str) -> str:
+    return topic
+
+
+def group(items: Sequence[Any], prefix: bytes, topic_key: Callable[[str], str] = _plain) -> Grouped:
     """Group a batch by identity key (the hot path of dedup: one pass, no calls per item
-    beyond the hash)."""
+    beyond the hash). Coordinates name topics by `topic_key` (their storage key)."""
     index: dict[bytes, int] = {}
     grouped = Grouped([], [], [])
     keys, coords, occurrences = grouped.keys, grouped.coords, grouped.occurrences
@@ -232,7 +236,7 @@ def group(items: Sequence[Any], prefix: bytes) -> Grouped:
             tp = (item.topic, item.partition)
             head = partition_prefix.get(tp)
             if head is None:
-                head = partition_prefix[tp] = f"{item.topic}:{item.partition}:"
+                head = partition_prefix[tp] = f"{topic_key(item.topic)}:{item.partition}:"
             coords.append(f"{head}{item.offset}".encode())
             occurrences.append([item])
         else:
@@ -240,7 +244,9 @@ def group(items: Sequence[Any], prefix: bytes) -> Grouped:
     return grouped
 
 
-def keep(grouped: Grouped, holders: Sequence[bytes]) -> list[Any]:
+def keep(
+    grouped: Grouped, holders: Sequence[bytes], topic_key: Callable[[str], str] = _plain
+) -> list[Any]:
     """The items whose coordinates hold their identity's marker, in batch order of identity."""
     kept = []
     for first_coords, holder, items in zip(
@@ -250,6 +256,8 @@ def keep(grouped: Grouped, holders: Sequence[bytes]) -> list[Any]:
             kept.append(items[0])
         elif len(items) > 1:
             kept.extend(
-                i for i in items[1:] if coordinates(i.topic, i.partition, i.offset) == holder
+                i
+                for i in items[1:]
+                if coordinates(topic_key(i.topic), i.partition, i.offset) == holder
             )
     return kept

@@ -68,6 +68,7 @@ def core(
     return [
         Migration(f"0001_events:{events_table}", (real[1],), _checksum(canonical[1:2])),
         Migration(f"0002_offsets:{offsets_table}", tuple(real[2:4]), _checksum(canonical[2:4])),
+        Migration(f"0003_topics:{offsets_table}", (real[4],), _checksum(canonical[4:5])),
     ]
 
 

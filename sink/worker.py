@@ -33,6 +33,7 @@ from sink.clickhouse import (
     InsertWithdrawn,
     OffsetStore,
     event_columns,
+    topics_table,
 )
 from sink.config import Config
 from sink.consumer import DeadLetters, Namespaces
@@ -40,6 +41,7 @@ from sink.errors import ClickHouseRejected, DependencyError, RedisUnavailable
 from sink.meters import MeterIndex
 from sink.metrics import Metrics
 from sink.offsets import Assignments
+from sink.topics import TopicKeys, topic_ids
 
 T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
@@ -105,8 +107,9 @@ class Worker:
         self.dead_letters = dead_letters
         self.store = store
         self.inserter = inserter
-        self.offsets = OffsetStore(reader, config.clickhouse.offsets_table)
-        self.landing_offsets = OffsetStore(inserter, config.clickhouse.offsets_table)
+        self.topics = TopicKeys(reader, topics_table(config.clickhouse.offsets_table))
+        self.offsets = OffsetStore(reader, config.clickhouse.offsets_table, self.topics)
+        self.landing_offsets = OffsetStore(inserter, config.clickhouse.offsets_table, self.topics)
         self.time_divisor = time_divisor
         # The server gives up on an INSERT whose client stopped sending for this long, so a
         # frozen worker's half-sent insert ends well before the group can hand its partitions
@@ -148,6 +151,14 @@ class Worker:
         self._lag: dict[TopicPartition, int] = {}
         self._already_landed: set[tuple[str, int, int]] = set()
         """Coordinates found in ClickHouse after an interrupted insert of a previous owner."""
+        self._next_fetch: dict[TopicPartition, int] = {}
+        """Offset each partition's next record should have: a smaller one means the log
+        was reset under us (a topic deleted and created again)."""
+        self._topic_ids_missing_logged = False
+        self._reset_to: dict[TopicPartition, int] = {}
+        """Partitions the consumer reset to a lower offset, with that offset."""
+        self._from_start: set[TopicPartition] = set()
+        """Partitions of a new topic incarnation: with nothing landed, read from the start."""
 
     # ---------------------------------------------------------------- rebalance listener
 
@@ -248,13 +259,32 @@ class Worker:
             for ktp, records in fetched.items():
                 tp = (ktp.topic, ktp.partition)
                 epoch = self.assignments.epochs.get(tp)
-                if records and epoch is not None and tp not in self.assignments.pending:
-                    self._add(tp, epoch, records)
+                if not records or epoch is None or tp in self.assignments.pending:
+                    continue
+                expected = self._next_fetch.get(tp)
+                if expected is not None and records[0].offset < expected:
+                    self._log_went_back(tp, expected, records[0].offset)
+                    continue
+                self._next_fetch[tp] = records[-1].offset + 1
+                self._add(tp, epoch, records)
             self._maybe_seal()
             self._backpressure()
             # getmany does not yield while aiokafka holds fetched records: let heartbeats
             # and the flusher run between polls.
             await asyncio.sleep(0)
+
+    def _log_went_back(self, tp: TopicPartition, expected: int, got: int) -> None:
+        """The consumer reset a partition to an offset below what it had reached: the log
+        was replaced (a topic deleted and created again while held). Start the topic's
+        partitions over; positioning finds the new incarnation."""
+        self.log.warning(
+            "partition offsets went back: positioning the topic again",
+            partition=f"{tp[0]}/{tp[1]}",
+            expected=expected,
+            got=got,
+        )
+        self._reset_to[tp] = got
+        self._start_over([t for t in self.assignments.epochs if t[0] == tp[0]])
 
     def _add(self, tp: TopicPartition, epoch: int, records: Sequence[Any]) -> None:
         batch, topic, partition = self._open, tp[0], tp[1]
@@ -318,6 +348,7 @@ class Worker:
         if not tps:
             return
         try:
+            changed = await self._resolve_topics(tps)
             landed = await self.offsets.landed([t for t, _ in tps])
             self._dependency_ok("clickhouse")
         except DependencyError as exc:
@@ -336,14 +367,72 @@ class Worker:
             )
             await asyncio.sleep(_jitter(self.config.worker.retry_initial))
             return
-        for (topic, partition), offset in self.assignments.position(tps, landed).items():
+        for tp in tps:
+            self._next_fetch.pop(tp, None)
+            reset = self._reset_to.pop(tp, None)
+            if reset is not None and tp[0] not in changed:
+                # Same topic (or no topic ids to tell): the log lost what we had landed,
+                # or was replaced unseen. Going back to the landed offset would only be reset
+                # again: continue where the broker put us.
+                self.log.error(
+                    "partition log is behind its landed offset: continuing at the log's offset",
+                    partition=f"{tp[0]}/{tp[1]}",
+                    landed=landed.get(tp),
+                    offset=reset,
+                )
+                landed.pop(tp, None)
+                self.consumer.seek(KafkaTP(*tp), reset)
+                self._next_fetch[tp] = reset
+        seeks = self.assignments.position(tps, landed)
+        for (topic, partition), offset in seeks.items():
             self.consumer.seek(KafkaTP(topic, partition), offset)
+            self._next_fetch[(topic, partition)] = offset
             self.metrics.landed_offset.labels(topic, str(partition)).set(offset - 1)
+        fresh = [tp for tp in tps if tp in self._from_start and tp not in seeks]
+        self._from_start.difference_update(tps)
+        if fresh:
+            await self.consumer.seek_to_beginning(*(KafkaTP(*tp) for tp in fresh))
         self.log.info(
             "positioned from landed offsets",
             partitions=_names(tps),
             landed={f"{t}/{p}": o for (t, p), o in landed.items() if (t, p) in tps},
         )
+
+    async def _resolve_topics(self, tps: Sequence[TopicPartition]) -> dict[str, str]:
+        """Settle the storage keys of the topics being positioned (see sink.topics). If a
+        topic turns out to be a new incarnation, its other held partitions start over too."""
+        names = sorted({t for t, _ in tps})
+        ids = await topic_ids(self.consumer._client, names)  # aiokafka's client
+        if ids is None:
+            ids = {}
+            if not self._topic_ids_missing_logged:
+                self._topic_ids_missing_logged = True
+                self.log.warning(
+                    "broker has no topic ids (Kafka < 2.8): a topic deleted and created "
+                    "again under the same name is taken for the old one"
+                )
+        changed = await self.topics.resolve(ids, names)
+        if not changed:
+            return changed
+        self.log.warning(
+            "topic recreated: stored under a new key from now on",
+            topics={name: {"key": key, "id": ids.get(name)} for name, key in changed.items()},
+        )
+        pending = set(tps)
+        others = [tp for tp in self.assignments.epochs if tp[0] in changed and tp not in pending]
+        if others:
+            self._start_over(others)
+        self._from_start.update(tp for tp in tps if tp[0] in changed)
+        self._from_start.update(others)
+        return changed
+
+    def _start_over(self, tps: Sequence[TopicPartition]) -> None:
+        """Treat held partitions as newly assigned: what is held of them is dropped (a new
+        epoch), they are paused and positioned again from ClickHouse."""
+        self._forget(tps)
+        self.assignments.assign(tps)
+        self.consumer.pause(*(KafkaTP(t, p) for t, p in tps))
+        self._paused.update(tps)
 
     async def _find_interrupted(
         self, tps: Sequence[TopicPartition], landed: dict[TopicPartition, int]
@@ -352,7 +441,7 @@ class Worker:
         raw table, landed offset not moved). Its pending range says where to look."""
         if self.store is None:
             return
-        keys = [dedup.pending_key(self.key_prefix, t, p) for t, p in tps]
+        keys = [dedup.pending_key(self.key_prefix, self.topics.key(t), p) for t, p in tps]
         ranges: dict[TopicPartition, tuple[int, int]] = {}
         low, high = 2**63, -1
         for tp, value in zip(tps, await self.store.pending(keys), strict=True):
@@ -384,6 +473,7 @@ class Worker:
         self._paused -= set(tps)
         for tp in tps:
             self._lag.pop(tp, None)
+            self._next_fetch.pop(tp, None)
         gone = set(tps)
         self._already_landed = {c for c in self._already_landed if (c[0], c[1]) not in gone}
 
@@ -450,14 +540,16 @@ class Worker:
         low = min(map(_TIME_MS, batch.items)) // 1000
         high = max(map(_TIME_MS, batch.items)) // 1000
         return {
-            dedup.pending_key(self.key_prefix, t, p): f"{r.first}:{r.last}:{low}:{high}".encode()
+            dedup.pending_key(
+                self.key_prefix, self.topics.key(t), p
+            ): f"{r.first}:{r.last}:{low}:{high}".encode()
             for (t, p), r in batch.ranges.items()
         }
 
     async def _deduplicate(self, batch: Batch) -> list[Item]:
         if self.store is None or not batch.items:
             return batch.items
-        grouped = dedup.group(batch.items, self.key_prefix)
+        grouped = dedup.group(batch.items, self.key_prefix, self.topics.key)
         pending = self._pending_ranges(batch)
         store = self.store
         t0 = time.monotonic()
@@ -473,7 +565,7 @@ class Worker:
             return [occ[0] for occ in grouped.occurrences]
         self.metrics.dedup_seconds.observe(time.monotonic() - t0)
         self._dependency_ok("redis")
-        return dedup.keep(grouped, holders)
+        return dedup.keep(grouped, holders, self.topics.key)
 
     async def _insert(self, batch: Batch, items: list[Item]) -> tuple[list[Item], list[Item]]:
         """Insert rows in one block; on a data error, bisect to isolate the rows ClickHouse
@@ -520,7 +612,7 @@ class Worker:
                     if not rows:
                         return None
                     unknown = True
-                    return event_columns(rows, self.time_divisor)
+                    return event_columns(rows, self.time_divisor, self.topics)
 
                 t0 = time.monotonic()
                 try:
@@ -585,7 +677,9 @@ class Worker:
                 dedup.identity_key(self.key_prefix, i.event.namespace, i.event.source, i.event.id)
                 for i in items
             ]
-            coords = [dedup.coordinates(i.topic, i.partition, i.offset) for i in items]
+            coords = [
+                dedup.coordinates(self.topics.key(i.topic), i.partition, i.offset) for i in items
+            ]
             with contextlib.suppress(DependencyError):
                 await store.release(keys, coords)
 

@@ -132,13 +132,6 @@ async def _setup_recreate(
     return topics, namespaces, config, proc, first
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: sink_offsets and the dedup markers key partitions by topic name; after "
-    "a topic is recreated its offsets restart at 0 below the landed offset: each new "
-    "assignment seeks past the log end, aiokafka resets to the earliest offset and the "
-    "records land again (their markers hold their own coordinates). See docs/faults.md.",
-)
 async def test_topic_recreated_while_the_worker_runs_lands_its_records_once(
     services: Services,
     make_topics: Callable[..., Any],
@@ -168,16 +161,24 @@ async def test_topic_recreated_while_the_worker_runs_lands_its_records_once(
         measured["recreated_topic_records_landed"] = f"{len(found)}/{len(fresh.expected)}"
         measured["recreate_to_landed_s"] = round(time.monotonic() - t0, 1)
         assert proc.running, proc.logs()[-3000:]
+        assert len(found) == len(fresh.expected), (
+            "records of the recreated topic missing:\n" + (proc.logs()[-3000:])
+        )
         await load.done()
-        # A restart (or any rebalance) positions the partitions from ClickHouse again.
+        # A restart (or any rebalance) positions the partitions from ClickHouse again; the
+        # recreated topic's records must not be read again, later ones must land.
         assert proc.stop() == 0
         proc = run_sink(config, name="again")
-        await next_landed(proc, 0, timeout=120)
-        await asyncio.sleep(10)
+        later = Workload([recreated], namespaces, partitions=2, seed=314)
+        later.add(400, duplicate_share=0.0, invalid_share=0.0)
+        await Load(services.kafka, later.records, pace=0.0).start().done()
+        landed_later = await _until_present(clickhouse_db, later.expected, timeout=120)
+        assert len(landed_later) == len(later.expected), "records after the restart missing"
+        await asyncio.sleep(5)
         counts = await _present(clickhouse_db, fresh.expected)
         measured["after_restart_landed_twice"] = sum(1 for c in counts.values() if c > 1)
         assert len(found) == len(fresh.expected), "records of the recreated topic skipped"
-        everything = first.expected | others.expected | fresh.expected
+        everything = first.expected | others.expected | fresh.expected | later.expected
         await assert_exact(clickhouse_db, everything)
     finally:
         record_result("topic-recreated-while-running", **measured)
@@ -185,12 +186,6 @@ async def test_topic_recreated_while_the_worker_runs_lands_its_records_once(
             proc.signal(signal.SIGTERM)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a topic recreated while no worker runs, and refilled beyond the old "
-    "topic's landed offset: the worker seeks to the old landed offset + 1, which exists in "
-    "the new topic, and skips every record below it (lost). See docs/faults.md.",
-)
 async def test_topic_recreated_and_refilled_while_the_worker_is_down_loses_nothing(
     services: Services,
     make_topics: Callable[..., Any],

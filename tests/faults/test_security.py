@@ -1,14 +1,15 @@
 """Credentials never show in logs, /status or /metrics - also not in the error messages of
 failing dependencies and of invalid configuration; Kafka SASL/SSL settings reach aiokafka.
 
-Redis gets a real password (a redis-server of the test's own with `requirepass`). The local
-ClickHouse only has `default` without a password (scripts/clickhouse/users.xml.in), so the
-ClickHouse secrets here are fake passwords in URLs that fail: wrong password against the real
-server, and a refused connection."""
+Redis gets a real password (a redis-server of the test's own with `requirepass`); ClickHouse a
+password-protected user of the local stack (`sink_writer`, scripts/clickhouse/users.xml.in),
+plus fake passwords in URLs that fail: a wrong password against the real server, and a
+refused connection."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 from sink.clickhouse import ClickHouse
 from sink.config import build
 from sink.consumer import security
+from sink.errors import ClickHouseUnavailable
 from tests.conftest import ROOT, Services
 from tests.faults.conftest import (
     Load,
@@ -203,6 +205,59 @@ async def test_wrong_and_unreachable_credentials_are_not_echoed(
     assert check.returncode == 1 and "clickhouse: FAILED" in check.stdout, check.stdout
     exposed["sink check"] = check.stdout + check.stderr
     _assert_hidden(exposed, [wrong_redis, fake_ch])
+
+
+# The local stack's password-protected ClickHouse user (scripts/clickhouse/users.xml.in).
+CH_WRITER = ("sink_writer", "local-stack-writer-pw")
+
+
+async def test_a_password_protected_clickhouse_user_lands_events_and_stays_hidden(
+    services: Services,
+    clickhouse_db: ClickHouse,
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., SinkProcess],
+    uid: str,
+) -> None:
+    user, password = CH_WRITER
+    base_host = host_port(services.clickhouse)
+    url = f"clickhouse://{user}:{password}@{base_host}/{clickhouse_db.database}"
+    probe = ClickHouse(url, connect_timeout=5, query_timeout=30)
+    try:
+        await probe.ping()
+    except ClickHouseUnavailable as exc:  # 192 unknown user, 193 wrong password, 516 auth
+        if "192" in str(exc) or "193" in str(exc) or "516" in str(exc):
+            pytest.skip(f"the ClickHouse under test has no user {user} (scripts/stack.sh has)")
+        raise
+    finally:
+        await probe.close()
+    (topic,) = await _one_topic(services, uid)
+    port = free_port()
+    proc = run_sink(
+        sink_config("ch-user", clickhouse={"url": url}, http={"port": port}), name="ch-user"
+    )
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka)
+    await producer.start()
+    try:
+        for n in range(50):
+            await producer.send_and_wait(topic, _event(n))
+    finally:
+        await producer.stop()
+    deadline = time.monotonic() + 90
+    table = clickhouse_db.table("events")
+    while True:
+        with contextlib.suppress(Exception):
+            [(rows,)] = await clickhouse_db.query(f"SELECT count() FROM {table}")
+            if rows == 50:
+                break
+        assert proc.running, proc.logs()[-3000:]
+        assert time.monotonic() < deadline, "events not landed as " + user
+        await asyncio.sleep(0.5)
+    exposed = {"/status": _page(port, "/status"), "/metrics": _page(port, "/metrics")}
+    assert proc.stop() == 0
+    exposed["log"] = proc.logs()
+    _assert_hidden(exposed, [password])
 
 
 async def _one_topic(services: Services, uid: str) -> tuple[str]:

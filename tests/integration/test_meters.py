@@ -356,6 +356,7 @@ async def test_migrations_are_idempotent_serialised_and_refuse_changed_checksums
         [
             "0001_events:events",
             "0002_offsets:sink_offsets",
+            "0003_topics:sink_offsets",
             "meter:calls",
             "meter:low",
             "meter:tokens",
