@@ -25,23 +25,31 @@ from redis.exceptions import RedisError
 from sink.errors import RedisUnavailable
 
 # One atomic SET NX GET EX per identity, all in one script call per batch (Redis >= 7.0).
-# KEYS: n identity keys, then pending-range keys; ARGV: ttl, n, n coordinates, range values.
+# The identity keys travel as one string of fixed-width keys and the coordinates as one
+# newline-separated string: packing two arguments instead of two per identity keeps the
+# client's share of a claim small. (The keys are thus not declared in KEYS: the script
+# needs a standalone Redis, or one cluster slot for the whole prefix via a {hash tag}.)
+# KEYS: pending-range keys; ARGV: ttl, key width, keys, coordinates, range values.
 # The reply names only the keys held by other coordinates, as (index, holder) pairs: in the
 # usual batch almost every identity is new, and the reply stays small.
 _CLAIM = """
 local ttl = ARGV[1]
-local n = tonumber(ARGV[2])
+local width = tonumber(ARGV[2])
+local keys = ARGV[3]
 local out = {}
-for i = 1, n do
-  local coords = ARGV[i + 2]
-  local previous = redis.call('SET', KEYS[i], coords, 'NX', 'GET', 'EX', ttl)
+local i, at = 0, 1
+for coords in string.gmatch(ARGV[4], '[^\\n]+') do
+  i = i + 1
+  local previous = redis.call(
+    'SET', string.sub(keys, at, at + width - 1), coords, 'NX', 'GET', 'EX', ttl)
+  at = at + width
   if previous and previous ~= coords then
     out[#out + 1] = i
     out[#out + 1] = previous
   end
 end
-for i = n + 1, #KEYS do
-  redis.call('SET', KEYS[i], ARGV[i + 2], 'EX', ttl)
+for j = 1, #KEYS do
+  redis.call('SET', KEYS[j], ARGV[j + 4], 'EX', ttl)
 end
 return out
 """
@@ -160,13 +168,21 @@ class RedisDedup:
     ) -> list[bytes]:
         holders = list(coords)
         extra_keys, extra_values = list((pending or {}).keys()), list((pending or {}).values())
+        width = len(keys[0]) if keys else 0
+        if any(len(k) != width for k in keys):
+            raise ValueError("identity keys must share one width")
         try:
             for start in range(0, max(1, len(keys)), _CHUNK):
-                chunk_keys = list(keys[start : start + _CHUNK])
-                chunk_coords = list(coords[start : start + _CHUNK])
+                chunk = slice(start, start + _CHUNK)
                 taken = await self._claim(
-                    keys=chunk_keys + extra_keys,
-                    args=[self._ttl, len(chunk_keys), *chunk_coords, *extra_values],
+                    keys=extra_keys,
+                    args=[
+                        self._ttl,
+                        width,
+                        b"".join(keys[chunk]),
+                        b"\n".join(coords[chunk]),
+                        *extra_values,
+                    ],
                 )
                 extra_keys, extra_values = [], []
                 for at in range(0, len(taken), 2):
