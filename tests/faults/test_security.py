@@ -167,15 +167,7 @@ async def test_wrong_and_unreachable_credentials_are_not_echoed(
         assert time.monotonic() < deadline, "the workers did not report the failing dependency"
         await asyncio.sleep(0.5)
     # The wrong Redis password shows only once a batch needs Redis: give it records.
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka)
-    await producer.start()
-    try:
-        for n in range(20):
-            await producer.send_and_wait(topic, _event(n))
-    finally:
-        await producer.stop()
+    await _send_events(services, topic, 20)
     deadline = time.monotonic() + 60
     while True:
         status = _page(http_port(wrong), "/status")
@@ -235,15 +227,7 @@ async def test_a_password_protected_clickhouse_user_lands_events_and_stays_hidde
     proc = run_sink(
         sink_config("ch-user", clickhouse={"url": url}, http={"port": port}), name="ch-user"
     )
-    from aiokafka import AIOKafkaProducer
-
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka)
-    await producer.start()
-    try:
-        for n in range(50):
-            await producer.send_and_wait(topic, _event(n))
-    finally:
-        await producer.stop()
+    await _send_events(services, topic, 50)
     deadline = time.monotonic() + 90
     table = clickhouse_db.table("events")
     while True:
@@ -275,6 +259,18 @@ async def _one_topic(services: Services, uid: str) -> tuple[str]:
     finally:
         await admin.close()
     return (name,)
+
+
+async def _send_events(services: Services, topic: str, count: int) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka)
+    await producer.start()
+    try:
+        for n in range(count):
+            await producer.send_and_wait(topic, _event(n))
+    finally:
+        await producer.stop()
 
 
 def _event(n: int) -> bytes:
