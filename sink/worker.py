@@ -176,6 +176,20 @@ class Worker:
         tps = [(tp.topic, tp.partition) for tp in revoked]
         if not tps:
             return
+        if self._membership_lost():
+            # The group already gave these partitions to others (this member's session
+            # expired, typically while the process was frozen): landing what we hold now
+            # would land it a second time. Drop it; the new owners replay from ClickHouse.
+            self.assignments.revoke(tps)
+            self._forget(tps)
+            for topic, partition in tps:
+                self.metrics.forget_partition(topic, partition)
+            self.metrics.assigned.set(len(self.assignments.epochs))
+            self.log.warning(
+                "partitions lost: the group expired this member, nothing held is inserted",
+                partitions=_names(tps),
+            )
+            return
         # Land what we hold before the partitions move, so the next owner starts after it;
         # past the drain timeout nothing more of them is inserted (the group's rebalance
         # timeout, a little longer, is what the next owner waits for).
@@ -194,6 +208,20 @@ class Worker:
             self.metrics.forget_partition(topic, partition)
         self.metrics.assigned.set(len(self.assignments.epochs))
         self.log.info("partitions revoked", partitions=_names(tps))
+
+    def _membership_lost(self) -> bool:
+        """Whether the group has dropped this member (a revoke then is a loss, not a hand-over):
+        aiokafka resets the generation and member id when the coordinator no longer knows us.
+        A freeze within the last session timeout counts as well: the group may have moved on
+        before the consumer could tell."""
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        if coordinator is not None and (
+            getattr(coordinator, "generation", None) == -1
+            or getattr(coordinator, "member_id", None) == ""
+        ):
+            return True
+        settle = self.config.kafka.session_timeout + self.config.kafka.heartbeat_interval
+        return time.monotonic() - self.clock.check() < settle
 
     # ---------------------------------------------------------------- lifecycle
 

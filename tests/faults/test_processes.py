@@ -165,6 +165,59 @@ async def test_stale_owner_frozen_inside_a_slow_insert_does_not_land_it_after_ta
     assert other.stop() == 0
 
 
+async def test_worker_frozen_while_holding_records_drops_them_when_the_group_moved_on(
+    services: Services,
+    make_topics: Callable[..., Any],
+    clickhouse_db: ClickHouse,
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., SinkProcess],
+    uid: str,
+) -> None:
+    """Worker A holds fetched records in an open batch (a long batch.max_wait) when it is
+    frozen past the session timeout; B takes the partitions over and lands everything. When A
+    wakes, the group has already expired it: the revoke it then sees is a loss, and A must
+    not land what it held (found by the soak: a revoke handler that drained the batch landed
+    it a second time)."""
+    topics, namespaces = await topics_for(make_topics, uid, partitions=2)
+    work = workload(topics, namespaces, 2, seed=220, unique=3000, invalid_share=0.0)
+    regex = {"topics_regex": REGEX.format(uid=uid)}
+    holding = sink_config(
+        "a", kafka=regex, batch={"max_rows": 100_000, "max_wait": "60s", "max_in_flight": 200_000}
+    )
+    stale = run_sink(holding, name="holding")
+    other: SinkProcess | None = None
+    measured: dict[str, Any] = {"records": len(work.records)}
+    try:
+        await asyncio.sleep(8)  # A joined and owns every partition
+        await Load(services.kafka, work.records, pace=0.0).start().done()
+        await asyncio.sleep(4)  # A fetched them into its open batch (sealed only after 60 s)
+        stale.signal(signal.SIGSTOP)
+        other = run_sink(sink_config("b", kafka=regex), name="other")
+        await wait_landed(
+            clickhouse_db,
+            await log_ends(services.kafka, topics),
+            timeout=120,
+            alive=lambda: other is not None and other.running,
+        )
+        stale.signal(signal.SIGCONT)
+        await asyncio.sleep(12)  # A notices it was expired and rejoins; a stale insert shows
+        measured["lost_logged"] = count(
+            stale, "partitions lost: the group expired this member, nothing held is inserted"
+        )
+        [(rows,)] = await clickhouse_db.query(
+            f"SELECT count() FROM {clickhouse_db.table('events')}"
+        )
+        measured["rows_minus_unique"] = rows - len(work.expected)
+        await assert_exact(clickhouse_db, work.expected)
+        assert measured["lost_logged"] > 0, "A did not see its partitions as lost"
+        assert stale.running and other.running
+    finally:
+        stale.signal(signal.SIGCONT)
+        record_result("sigstop-holding-records", **measured)
+    assert stale.stop() == 0
+    assert other.stop() == 0
+
+
 async def _restart_under_load(
     service: str,
     scenario: Callable[..., Any],
