@@ -28,7 +28,7 @@ from sink.errors import RedisUnavailable
 # The identity keys travel as one string of fixed-width keys and the coordinates as one
 # newline-separated string: packing two arguments instead of two per identity keeps the
 # client's share of a claim small. (The keys are thus not declared in KEYS: the script
-# needs a standalone Redis, or one cluster slot for the whole prefix via a {hash tag}.)
+# needs a standalone Redis; Redis Cluster is not supported, see docs/operating.md.)
 # KEYS: pending-range keys; ARGV: ttl, key width, keys, coordinates, range values.
 # The reply names only the keys held by other coordinates, as (index, holder) pairs: in the
 # usual batch almost every identity is new, and the reply stays small.
