@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -146,3 +147,177 @@ def test_valid_events_round_trip(
     assert result == Event(NS, id_, type_, source, subject, expected_ms(moment), result.data)
     assert json.loads(result.data) == data
     assert result.data == orjson.dumps(flat_first(data)).decode()
+
+
+# The typed fast path and the general path must agree on every input. Documents are built
+# near the common shape (where the two could part) and then varied: other member types,
+# bounds, unknown members, repeated members, lone surrogates, numbers beyond 64 bits, cut or
+# corrupted bytes.
+any_text = st.text(alphabet=st.characters(codec=None, categories=None), max_size=12)
+near_keys = (
+    identifiers.filter(lambda s: len(s) < 40)
+    | st.text(min_size=d.MAX_FIELD_CHARS, max_size=d.MAX_FIELD_CHARS + 1)
+    | st.just("")
+    | any_text
+)
+near_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1])
+    | st.floats()
+    | any_text
+)
+near_values = near_keys | near_leaves | st.lists(near_leaves, max_size=2)
+near_data = (
+    st.none()
+    | st.dictionaries(any_text, near_leaves, max_size=5)
+    | st.dictionaries(st.text(max_size=4), near_values, max_size=3)
+    | near_leaves
+)
+near_times = moments.map(lambda m: m.isoformat()) | st.sampled_from(
+    [
+        "",
+        "2024-01-01T00:00:00",
+        "2024-01-01 00:00:00Z",
+        "2024-02-30T00:00:00Z",
+        "1969-12-31T23:59:59.9Z",
+    ]
+)
+flat_data = st.dictionaries(
+    st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(-1e300, 1e300)
+    | st.text(max_size=12),
+    max_size=5,
+)
+common = st.fixed_dictionaries(
+    {
+        "specversion": st.just("1.0"),
+        "id": identifiers.filter(lambda s: len(s) < 40),
+        "source": st.sampled_from(["//gw/eu", "s"]),
+        "type": st.sampled_from(["api.request", "llm.tokens"]),
+        "subject": st.text(min_size=1, max_size=8),
+        "time": moments.map(lambda m: m.isoformat()),
+    },
+    optional={"data": st.none() | flat_data, "datacontenttype": st.just("application/json")},
+)
+# Variations: a member set to a value near the bounds of the fast path, or removed.
+variations = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [*d.REQUIRED_FIELDS, "specversion", "data", "datacontenttype", "dataschema", "ext"]
+        ),
+        st.none()
+        | st.tuples(
+            near_keys | near_values | near_times | near_data | st.sampled_from(["1.0", "0.3", 1.0])
+        ),
+    ),
+    max_size=2,
+)
+# Member values written as JSON text: numbers and escapes that one parser might read and the
+# other refuse, or that a parser skipping an unknown member might not look at.
+SNIPPETS = [
+    "1e400",
+    "-1e400",
+    "NaN",
+    '"\\ud800"',
+    '"x\\udc00"',
+    '"\\u0000"',
+    "123456789012345678901234567890",
+    "18446744073709551616",
+    "18446744073709551615",
+    "9223372036854775808",
+    "-9223372036854775809",
+    '{"a": 1e400}',
+    '{"a": 18446744073709551616}',
+    '{"a": 18446744073709551615, "b": 1}',
+    '{"a": 9223372036854775808}',
+    '{"a": -9223372036854775809}',
+    '{"a": -9223372036854775808, "b": 1.5e300}',
+    '{"a": "\\ud800"}',
+    '{"a": {"b": 1}}',
+    '{"a": [1e400]}',
+    '{"a": 1, "a": 2}',
+    "[1e400]",
+    '""',
+    "null",
+    "true",
+    '"1.0"',
+    "1.0",
+    "-0",
+    "1E+2",
+]
+snippets = st.sampled_from(SNIPPETS)
+raw_members = st.lists(
+    st.tuples(st.sampled_from(["ext", "data", "data", "id", "time", "datacontenttype"]), snippets),
+    max_size=2,
+)
+
+
+def general(value: bytes, check: d.MeterCheck) -> Event | Rejection:
+    if not value or len(value) > LIMIT:
+        return decode(value, NS, LIMIT)
+    return d._decode_general(value, NS, check)
+
+
+def meters(event_type: str, data: dict[str, Any]) -> str:
+    return f"[{event_type[:3]}] {sorted(data)!r}"
+
+
+@settings(PROPERTY, max_examples=1500)
+@given(
+    document=common,
+    changes=variations,
+    raw=raw_members,
+    repeat=st.sampled_from([None, "id", "data", "time"]),
+    ascii_only=st.booleans(),
+    damage=st.none() | st.tuples(st.integers(min_value=0), st.binary(min_size=0, max_size=2)),
+)
+def test_fast_path_agrees_with_the_general_path(
+    document: dict[str, Any],
+    changes: list[tuple[str, tuple[Any] | None]],
+    raw: list[tuple[str, str]],
+    repeat: str | None,
+    ascii_only: bool,
+    damage: tuple[int, bytes] | None,
+) -> None:
+    for member, change in changes:
+        if change is None:
+            document.pop(member, None)
+        else:
+            document[member] = change[0]
+    text = json.dumps(document, ensure_ascii=ascii_only)
+    if repeat is not None and repeat in document:
+        # The same member twice; the general path keeps the last.
+        text = text[:-1] + f", {json.dumps(repeat)}: {json.dumps(document[repeat])}}}"
+        text = "{" + f"{json.dumps(repeat)}: 5, " + text[1:]
+    for member, snippet in raw:
+        # Written last, so it is the value both parsers keep.
+        text = text[:-1] + f', "{member}": {snippet}}}'
+    value = text.encode("utf-8", "surrogatepass")
+    if damage is not None:
+        at = damage[0] % (len(value) + 1)
+        value = value[:at] + damage[1] + value[at + len(damage[1]) :]
+    assert decode(value, NS, LIMIT, meters) == general(value, meters)
+
+
+BASE = (
+    '{"specversion": "1.0", "id": "e-1", "source": "//gw/eu", "type": "api.request", '
+    '"subject": "c-1", "time": "2024-05-01T12:00:00.5Z", "data": {"route": "/v1", "n": 3}}'
+)
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS)
+@pytest.mark.parametrize(
+    "member", ["ext", "data", "data.a", "id", "time", "specversion", "datacontenttype"]
+)
+def test_fast_path_agrees_on_every_edge_value_in_every_member(member: str, snippet: str) -> None:
+    if member == "data.a":
+        text = BASE[:-2] + f', "a": {snippet}}}}}'
+    else:
+        text = BASE[:-1] + f', "{member}": {snippet}}}'
+    value = text.encode()
+    assert decode(value, NS, LIMIT, meters) == general(value, meters)
