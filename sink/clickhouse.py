@@ -179,10 +179,10 @@ class ClickHouse:
         self,
         table: str,
         columns: Sequence[str],
-        data: Sequence[list[Any]] | None = None,
+        data: Sequence[Sequence[Any]] | None = None,
         settings: Mapping[str, Any] | None = None,
         *,
-        prepare: Callable[[], Sequence[list[Any]] | None] | None = None,
+        prepare: Callable[[], Sequence[Sequence[Any]] | None] | None = None,
         query_id: str = "",
     ) -> int:
         """One INSERT of one columnar block.
@@ -220,7 +220,7 @@ class ClickHouse:
 async def _insert_stepwise(
     conn: Any,  # the driver's Connection; its stepwise methods carry no annotations
     sql: str,
-    prepare: Callable[[], Sequence[list[Any]] | None],
+    prepare: Callable[[], Sequence[Sequence[Any]] | None],
     settings: dict[str, Any],
     query_id: str,
 ) -> int:
@@ -399,28 +399,21 @@ class OffsetStore:
 
 def event_columns(
     items: Sequence[Any], time_divisor: int, keys: StorageKeys | None = None
-) -> list[list[Any]]:
+) -> list[Sequence[Any]]:
     """Columnar block for EVENT_COLUMNS from batch items (`sink.batch.Item`); `_topic` is
     the topic's storage key."""
-    namespace, ids, types, sources, subjects, times, data = [], [], [], [], [], [], []
-    ingested, errors, topics, partitions, offsets = [], [], [], [], []
-    for event, topic, partition, offset, timestamp_ms in items:
-        namespace.append(event.namespace)
-        ids.append(event.id)
-        types.append(event.type)
-        sources.append(event.source)
-        subjects.append(event.subject)
-        times.append(event.time_ms // time_divisor)
-        data.append(event.data)
-        ingested.append(max(0, timestamp_ms) // time_divisor)
-        errors.append(event.validation_error)
-        topics.append(topic)
-        partitions.append(partition)
-        offsets.append(offset)
+    if not items:
+        return [[] for _ in EVENT_COLUMNS]
+    # Transposed in C (zip), not appended per row and column.
+    events, topics, partitions, offsets, stamps = zip(*items, strict=True)
+    namespace, ids, types, sources, subjects, times, data, errors = zip(*events, strict=True)
+    if time_divisor != 1:
+        times = tuple(t // time_divisor for t in times)
+    ingested = tuple(max(0, t) // time_divisor for t in stamps)
     if keys is not None:
         stored = {t: keys.key(t) for t in set(topics)}
         if any(t != k for t, k in stored.items()):
-            topics = [stored[t] for t in topics]
+            topics = tuple(stored[t] for t in topics)
     return [
         namespace,
         ids,

@@ -106,6 +106,7 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, gc=False):
 
 
 _read_common = msgspec.json.Decoder(_Common).decode
+_new_tuple = tuple.__new__
 _NOT_COMMON = (msgspec.DecodeError, UnicodeDecodeError)
 
 
@@ -128,15 +129,19 @@ def decode(
     if data is None:
         data = {}
     type_ = doc.type
-    return Event(
-        namespace,
-        doc.id,
-        intern(type_),
-        intern(doc.source),
-        intern(doc.subject),
-        time_ms,
-        orjson.dumps(data).decode(),
-        check(type_, data) if check is not None else "",
+    # Event(...) without the namedtuple's Python-level __new__ (the hot path).
+    return _new_tuple(
+        Event,
+        (
+            namespace,
+            doc.id,
+            intern(type_),
+            intern(doc.source),
+            intern(doc.subject),
+            time_ms,
+            orjson.dumps(data).decode(),
+            check(type_, data) if check is not None else "",
+        ),
     )
 
 

@@ -240,11 +240,16 @@ def group(items: Sequence[Any], prefix: bytes, topic_key: Callable[[str], str] =
     keys, coords, occurrences = grouped.keys, grouped.coords, grouped.occurrences
     digest = xxhash.xxh3_128_digest
     partition_prefix: dict[tuple[str, int], str] = {}
+    # The framing of (namespace, source) repeats across a batch: made once per pair.
+    heads: dict[tuple[str, str], str] = {}
     for item in items:
         event = item.event
-        namespace, source = event.namespace, event.source
-        framed = f"{len(namespace)}:{namespace}{len(source)}:{source}{event.id}"
-        key = prefix + digest(framed.encode("utf-8", "surrogatepass"))
+        pair = (event.namespace, event.source)
+        framing = heads.get(pair)
+        if framing is None:
+            namespace, source = pair
+            framing = heads[pair] = f"{len(namespace)}:{namespace}{len(source)}:{source}"
+        key = prefix + digest((framing + event.id).encode("utf-8", "surrogatepass"))
         slot = index.get(key)
         if slot is None:
             index[key] = len(keys)

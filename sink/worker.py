@@ -14,7 +14,7 @@ import operator
 import random
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -48,6 +48,8 @@ log = structlog.get_logger("sink.worker")
 
 
 _TIME_MS = operator.attrgetter("event.time_ms")
+_TOPIC = operator.itemgetter(1)  # Item.topic
+_new_tuple = tuple.__new__
 _METER_SLUG = re.compile(r"\[([a-z][a-z0-9_]*)\]")
 
 
@@ -139,7 +141,8 @@ class Worker:
         self._idle = asyncio.Event()
         self._idle.set()
         self._paused: set[TopicPartition] = set()
-        self._blocked_on: str | None = None
+        self._blocked: list[str] = []
+        """Dependencies that retry loops are waiting for (one entry per waiting loop)."""
         self._stopping = False
         self._dependencies = {name: DependencyState() for name in ("kafka", "redis", "clickhouse")}
         for name in self._dependencies:
@@ -321,15 +324,17 @@ class Worker:
         namespace = self.namespaces.of_topic(topic)
         by_header = self.config.events.namespace_header is not None
         items, rejects = batch.items, batch.rejects
+        add, decode, event_type = items.append, decoding.decode, decoding.Event
         nbytes = 0
         for record in records:
             value = record.value
             nbytes += len(value) if value else 0
             if by_header:
                 namespace = self.namespaces.of_record(topic, record.headers)
-            result = decoding.decode(value, namespace, max_bytes, check)
-            if type(result) is decoding.Event:
-                items.append(Item(result, topic, partition, record.offset, record.timestamp))
+            result = decode(value, namespace, max_bytes, check)
+            if type(result) is event_type:
+                # Item(...) without the namedtuple's Python-level __new__: this runs per record.
+                add(_new_tuple(Item, (result, topic, partition, record.offset, record.timestamp)))
             else:
                 rejects.append(Reject(record, result))  # type: ignore[arg-type]
         batch.nbytes += nbytes
@@ -357,7 +362,7 @@ class Worker:
         rows, nbytes = self._in_flight()
         self.metrics.in_flight_rows.set(rows)
         self.metrics.in_flight_bytes.set(nbytes)
-        hold = rows >= self.config.batch.max_in_flight or self._blocked_on is not None
+        hold = rows >= self.config.batch.max_in_flight or bool(self._blocked)
         held = set(self.assignments.epochs)
         want = held if hold else set(self.assignments.pending)
         to_pause, to_resume = want - self._paused, (self._paused & held) - want
@@ -508,28 +513,55 @@ class Worker:
     # ---------------------------------------------------------------- flush side
 
     async def _flush_loop(self) -> None:
-        while True:
-            if not self._sealed:
-                self._idle.set()
-                self._wake_flusher.clear()
-                await self._wake_flusher.wait()
-                continue
-            batch = self._sealed.popleft()
-            self._flushing = batch
-            try:
-                await self._land(batch)
-            except Abandoned:
-                self.metrics.batches_dropped.inc()
-                self.log.info("batch dropped: partitions moved", ranges=_ranges(batch))
-            finally:
-                self._flushing = None
+        """Batches land one at a time, in order; the dedup claim of the next sealed batch
+        runs while the current one is inserted, so Redis and ClickHouse work at once."""
+        ahead: tuple[Batch, asyncio.Task[list[Item] | None]] | None = None
+        try:
+            while True:
+                if not self._sealed:
+                    self._idle.set()
+                    self._wake_flusher.clear()
+                    await self._wake_flusher.wait()
+                    continue
+                batch = self._sealed.popleft()
+                self._flushing = batch
+                started = time.monotonic()
+                try:
+                    kept = None
+                    if ahead is not None:
+                        early, claim = ahead
+                        ahead = None
+                        if early is batch:
+                            kept = await claim
+                        else:  # the batch changed (partitions revoked): claim what is left
+                            claim.cancel()
+                    if kept is None:
+                        kept = await self._deduplicate(batch)
+                    if self._sealed:
+                        following = self._sealed[0]
+                        ahead = (following, asyncio.create_task(self._claim(following, batch)))
+                    await self._land(batch, kept, started)
+                except Abandoned:
+                    self.metrics.batches_dropped.inc()
+                    self.log.info("batch dropped: partitions moved", ranges=_ranges(batch))
+                finally:
+                    self._flushing = None
+        finally:
+            if ahead is not None:
+                ahead[1].cancel()
 
-    async def _land(self, batch: Batch) -> None:
-        """The commit order: dedup -> dead letters -> fence -> insert -> landed offsets ->
-        Kafka commit. Each step retries its dependency until it answers; a batch whose
-        partitions all moved away is abandoned (the next owner replays it)."""
-        started = time.monotonic()
-        kept = await self._deduplicate(batch)
+    async def _claim(self, batch: Batch, behind: Batch) -> list[Item] | None:
+        """Dedup of `batch` while `behind` is still landing; None if it must be done again.
+        (Claiming is idempotent: a record finds its own coordinates on a second claim.)"""
+        try:
+            return await self._deduplicate(batch, behind)
+        except Abandoned:
+            return None
+
+    async def _land(self, batch: Batch, kept: list[Item], started: float) -> None:
+        """The commit order: dedup (done by the caller) -> dead letters -> fence -> insert ->
+        landed offsets -> Kafka commit. Each step retries its dependency until it answers; a
+        batch whose partitions all moved away is abandoned (the next owner replays it)."""
         await self._retry(lambda: self.dead_letters.send(batch.rejects), batch)
         kept, already = self._split_already_landed(batch, kept)
         landed, poisoned = await self._insert(batch, kept)
@@ -563,22 +595,31 @@ class Worker:
             )
         return fresh, already
 
-    def _pending_ranges(self, batch: Batch) -> dict[bytes, bytes]:
-        """What this batch may insert, per partition: `first:last:tmin:tmax` (see DedupStore)."""
-        low = min(map(_TIME_MS, batch.items)) // 1000
-        high = max(map(_TIME_MS, batch.items)) // 1000
+    def _pending_ranges(self, batch: Batch, behind: Batch | None) -> dict[bytes, bytes]:
+        """What this batch may insert, per partition: `first:last:tmin:tmax` (see DedupStore).
+        While the batch `behind` it is still landing, the ranges cover that one's too."""
+        times = [batch.items] if behind is None else [batch.items, behind.items]
+        low = min(min(map(_TIME_MS, items), default=2**63) for items in times) // 1000
+        high = max(max(map(_TIME_MS, items), default=-1) for items in times) // 1000
+        ranges: dict[TopicPartition, tuple[int, int]] = {
+            tp: (r.first, r.last) for tp, r in batch.ranges.items()
+        }
+        if behind is not None:
+            for tp, r in behind.ranges.items():
+                if tp in ranges:
+                    ranges[tp] = (min(r.first, ranges[tp][0]), ranges[tp][1])
         return {
             dedup.pending_key(
                 self.key_prefix, self.topics.key(t), p
-            ): f"{r.first}:{r.last}:{low}:{high}".encode()
-            for (t, p), r in batch.ranges.items()
+            ): f"{first}:{last}:{low}:{high}".encode()
+            for (t, p), (first, last) in ranges.items()
         }
 
-    async def _deduplicate(self, batch: Batch) -> list[Item]:
+    async def _deduplicate(self, batch: Batch, behind: Batch | None = None) -> list[Item]:
         if self.store is None or not batch.items:
             return batch.items
         grouped = dedup.group(batch.items, self.key_prefix, self.topics.key)
-        pending = self._pending_ranges(batch)
+        pending = self._pending_ranges(batch, behind)
         store = self.store
         t0 = time.monotonic()
         try:
@@ -628,7 +669,7 @@ class Worker:
 
                 def prepare(
                     rows: list[Item] = rows, fenced_at: float = fenced_at
-                ) -> list[list[Any]] | None:
+                ) -> list[Sequence[Any]] | None:
                     # The server answered the query; the rows go out now or never. A freeze
                     # or a revoke during that round trip sends the attempt back to the fence.
                     nonlocal unknown
@@ -727,34 +768,43 @@ class Worker:
         delay = self.config.worker.retry_initial
         attempt = 0
         failed = ""
-        while True:
-            try:
-                result = await op()
-            except DependencyError as exc:
-                attempt += 1
-                failed = exc.dependency
-                self._dependency_failed(exc.dependency, exc)
-                self.metrics.retries.labels(exc.dependency, type(exc).__name__).inc()
-                if give_up:
-                    raise
-                self._blocked_on = exc.dependency
-                if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8 ...: no log flood
-                    self.log.warning(
-                        "dependency failed, retrying",
-                        dependency=exc.dependency,
-                        attempt=attempt,
-                        error=str(exc)[:300],
-                    )
-                await asyncio.sleep(_jitter(delay))
-                delay = min(delay * 2, self.config.worker.retry_max)
-                if len(self.assignments.lost(batch)) == len(batch.ranges):
-                    raise Abandoned from exc
-                continue
-            if attempt:
-                self._dependency_ok(failed)
-                self.log.info("dependency recovered", dependency=failed, attempts=attempt)
-            self._blocked_on = None
-            return result
+        blocked: str | None = None  # entered in self._blocked while this loop waits
+        try:
+            while True:
+                try:
+                    result = await op()
+                except DependencyError as exc:
+                    attempt += 1
+                    failed = exc.dependency
+                    self._dependency_failed(exc.dependency, exc)
+                    self.metrics.retries.labels(exc.dependency, type(exc).__name__).inc()
+                    if give_up:
+                        raise
+                    if blocked is None:
+                        blocked = exc.dependency
+                        self._blocked.append(blocked)
+                    await self._back_off(exc, attempt, delay)
+                    delay = min(delay * 2, self.config.worker.retry_max)
+                    if len(self.assignments.lost(batch)) == len(batch.ranges):
+                        raise Abandoned from exc
+                    continue
+                if attempt:
+                    self._dependency_ok(failed)
+                    self.log.info("dependency recovered", dependency=failed, attempts=attempt)
+                return result
+        finally:
+            if blocked is not None:
+                self._blocked.remove(blocked)
+
+    async def _back_off(self, exc: DependencyError, attempt: int, delay: float) -> None:
+        if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8 ...: no log flood
+            self.log.warning(
+                "dependency failed, retrying",
+                dependency=exc.dependency,
+                attempt=attempt,
+                error=str(exc)[:300],
+            )
+        await asyncio.sleep(_jitter(delay))
 
     # ---------------------------------------------------------------- observation
 
@@ -920,10 +970,7 @@ def _rfc3339(ms: int) -> str:
 
 
 def _count_topics(items: Sequence[Item]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item.topic] = counts.get(item.topic, 0) + 1
-    return counts
+    return Counter(map(_TOPIC, items))
 
 
 def _jitter(delay: float) -> float:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from sink.batch import Item
@@ -175,7 +173,7 @@ def test_event_columns_order_and_values_with_millisecond_time() -> None:
     items = [item(1, 1_700_000_000_123, 1_700_000_001_456), item(2, 0, 5)]
     columns = event_columns(items, time_divisor=1)
     assert len(columns) == len(EVENT_COLUMNS) == 12
-    by_name: dict[str, list[Any]] = dict(zip(EVENT_COLUMNS, columns, strict=True))
+    by_name = {name: list(c) for name, c in zip(EVENT_COLUMNS, columns, strict=True)}
     assert by_name == {
         "namespace": ["ns1", "ns2"],
         "id": ["id1", "id2"],
@@ -194,14 +192,14 @@ def test_event_columns_order_and_values_with_millisecond_time() -> None:
 
 def test_event_columns_in_seconds_for_old_servers() -> None:
     columns = event_columns([item(1, 1_700_000_000_999, 1_700_000_001_001)], OLD.time_unit)
-    by_name = dict(zip(EVENT_COLUMNS, columns, strict=True))
+    by_name = {name: list(c) for name, c in zip(EVENT_COLUMNS, columns, strict=True)}
     assert by_name["time"] == [1_700_000_000]
     assert by_name["ingested_at"] == [1_700_000_001]
 
 
 def test_negative_record_timestamp_becomes_zero() -> None:
     columns = event_columns([item(1, 1000, -1)], 1)
-    assert dict(zip(EVENT_COLUMNS, columns, strict=True))["ingested_at"] == [0]
+    assert list(dict(zip(EVENT_COLUMNS, columns, strict=True))["ingested_at"]) == [0]
 
 
 def test_event_columns_of_no_items() -> None:
