@@ -171,8 +171,16 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
             consumer.subscribe(pattern=config.kafka.topics_regex, listener=listener)
         await worker.run(stop)
     finally:
-        with contextlib.suppress(Exception):
-            await consumer.stop()
+        # Leaving the group can meet a rebalance (whose revoke may wait up to the drain
+        # timeout); past that the process exits anyway and the group expires the member.
+        try:
+            await asyncio.wait_for(
+                consumer.stop(), config.worker.drain_timeout + config.kafka.session_timeout
+            )
+        except TimeoutError:
+            log.warning("consumer did not leave the group in time; exiting without it")
+        except Exception as exc:  # shutting down: report and go on
+            log.warning("consumer stop failed", error=str(exc)[:300])
         with contextlib.suppress(Exception):
             await producer.stop()
         if store is not None:

@@ -111,6 +111,24 @@ def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, tuple[int, int]], 
     return ranges, (low // 1000, high // 1000)
 
 
+def pending_ranges(batch: Batch, behind: Batch | None = None) -> dict[TopicPartition, str]:
+    """What `batch` may insert, per partition: `first:last:tmin:tmax` (offsets, event-time
+    seconds), written down before the insert (see sink.dedup.DedupStore). While the batch
+    `behind` it is still landing, a partition both hold starts at that batch's first offset
+    and the times cover both batches."""
+    if not batch.items:
+        return {}
+    held = [batch.items] if behind is None or not behind.items else [batch.items, behind.items]
+    low = min(min(i.event.time_ms for i in items) for items in held) // 1000
+    high = max(max(i.event.time_ms for i in items) for items in held) // 1000
+    earlier = behind.ranges if behind is not None else {}
+    out = {}
+    for tp, r in batch.ranges.items():
+        first = min(r.first, earlier[tp].first) if tp in earlier else r.first
+        out[tp] = f"{first}:{r.last}:{low}:{high}"
+    return out
+
+
 class Triggers(NamedTuple):
     max_rows: int
     max_bytes: int

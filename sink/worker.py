@@ -26,7 +26,7 @@ from aiokafka.errors import KafkaError
 
 from sink import decode as decoding
 from sink import dedup
-from sink.batch import Batch, Item, Reject, TopicPartition, Triggers, due, span
+from sink.batch import Batch, Item, Reject, TopicPartition, Triggers, due, pending_ranges, span
 from sink.clickhouse import (
     EVENT_COLUMNS,
     ClickHouse,
@@ -47,7 +47,6 @@ T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
 
 
-_TIME_MS = operator.attrgetter("event.time_ms")
 _TOPIC = operator.itemgetter(1)  # Item.topic
 _new_tuple = tuple.__new__
 _METER_SLUG = re.compile(r"\[([a-z][a-z0-9_]*)\]")
@@ -241,9 +240,13 @@ class Worker:
         for task in failed:
             self.log.error("task failed", task=task.get_name(), error=repr(task.exception()))
         await self._drain(tasks[0])
-        for task in [stopped, *tasks]:
-            task.cancel()
-        await asyncio.gather(stopped, *tasks, return_exceptions=True)
+        # Cancel until every task has ended: on Python 3.11 a cancel that meets an inner
+        # wait_for finishing at the same moment can be lost, and the task would run on.
+        left: set[asyncio.Task[Any]] = {stopped, *tasks}
+        while left:
+            for task in left:
+                task.cancel()
+            _, left = await asyncio.wait(left, timeout=1)
         if failed:
             # Exit non-zero: the supervisor (or Kubernetes) starts a fresh process, which
             # resumes from the landed offsets.
@@ -596,23 +599,9 @@ class Worker:
         return fresh, already
 
     def _pending_ranges(self, batch: Batch, behind: Batch | None) -> dict[bytes, bytes]:
-        """What this batch may insert, per partition: `first:last:tmin:tmax` (see DedupStore).
-        While the batch `behind` it is still landing, the ranges cover that one's too."""
-        times = [batch.items] if behind is None else [batch.items, behind.items]
-        low = min(min(map(_TIME_MS, items), default=2**63) for items in times) // 1000
-        high = max(max(map(_TIME_MS, items), default=-1) for items in times) // 1000
-        ranges: dict[TopicPartition, tuple[int, int]] = {
-            tp: (r.first, r.last) for tp, r in batch.ranges.items()
-        }
-        if behind is not None:
-            for tp, r in behind.ranges.items():
-                if tp in ranges:
-                    ranges[tp] = (min(r.first, ranges[tp][0]), ranges[tp][1])
         return {
-            dedup.pending_key(
-                self.key_prefix, self.topics.key(t), p
-            ): f"{first}:{last}:{low}:{high}".encode()
-            for (t, p), (first, last) in ranges.items()
+            dedup.pending_key(self.key_prefix, self.topics.key(t), p): value.encode()
+            for (t, p), value in pending_ranges(batch, behind).items()
         }
 
     async def _deduplicate(self, batch: Batch, behind: Batch | None = None) -> list[Item]:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sink.batch import Batch, Item, Range, Reject, Triggers, due, full
+from sink.batch import Batch, Item, Range, Reject, Triggers, due, full, pending_ranges
 from sink.decode import Event, Rejection
 
 A = ("om_a_events", 0)
@@ -206,3 +206,34 @@ def test_due_when_full_even_if_young() -> None:
 
 def test_empty_batch_is_never_due() -> None:
     assert not due(Batch(created=0.0), TRIGGERS, now=1e9)
+
+
+# --- pending ranges -------------------------------------------------------------------------
+
+
+def timed(spans: dict[tuple[str, int], tuple[int, int]], seconds: int) -> Batch:
+    """A batch whose events happen at `seconds` + offset."""
+    batch = batch_of(spans)
+    batch.items = [
+        i._replace(event=i.event._replace(time_ms=(seconds + i.offset) * 1000 + 999))
+        for i in batch.items
+    ]
+    return batch
+
+
+def test_pending_ranges_of_a_batch_alone() -> None:
+    batch = timed({A: (10, 19), C: (3, 4)}, 1_000)
+    assert pending_ranges(batch) == {A: "10:19:1003:1019", C: "3:4:1003:1019"}
+
+
+def test_pending_ranges_reach_back_over_the_batch_still_landing() -> None:
+    landing = timed({A: (0, 9), C: (0, 4)}, 500)
+    batch = timed({A: (10, 19), B: (7, 8)}, 1_000)
+    # A shared partition starts where the landing batch starts; the times cover both batches;
+    # a partition only the landing batch holds keeps the range that batch wrote itself.
+    assert pending_ranges(batch, landing) == {A: "0:19:500:1019", B: "7:8:500:1019"}
+
+
+def test_pending_ranges_of_a_batch_of_dead_letters_only() -> None:
+    batch = batch_of({A: (0, 1)}, rejects={0, 1})
+    assert pending_ranges(batch) == {}
