@@ -281,7 +281,7 @@ class Worker:
                 await self._position_pending()
             try:
                 fetched = await self.consumer.getmany(
-                    timeout_ms=100, max_records=self.triggers.max_rows
+                    timeout_ms=100, max_records=min(5_000, self.triggers.max_rows)
                 )
                 delay = self.config.worker.retry_initial
                 self._dependency_ok("kafka")

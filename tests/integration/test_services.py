@@ -11,7 +11,9 @@ import pytest
 import redis.asyncio as redis_async
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from sink.clickhouse import ClickHouse, InsertWithdrawn
+from sink.batch import Item
+from sink.clickhouse import EVENT_COLUMNS, ClickHouse, InsertWithdrawn, Schema, event_columns
+from sink.decode import Event
 from sink.errors import ClickHouseUnavailable
 from tests.conftest import Services
 
@@ -95,6 +97,49 @@ async def test_clickhouse_native_insert_and_read_back(clickhouse_db: ClickHouse)
     )
     assert inserted == 1000
     assert rows == [(1000, sum(ids), "n999", 1_700_000_999)]
+
+
+async def test_event_columns_round_trip_through_the_native_insert(
+    clickhouse_db: ClickHouse,
+) -> None:
+    """The worker's own block (columns as event_columns makes them: tuples, String columns
+    encoded by sink, the rest by the driver) into the real raw table, read back value for
+    value: repeating and unique strings, multi-byte UTF-8, empty and long values."""
+    features = await clickhouse_db.features()
+    await Schema(clickhouse_db, features, "events", "offsets").apply()
+    long_data = '{"blob":"' + "x" * 20_000 + '"}'
+    items = [
+        Item(
+            Event(
+                ns,
+                f"id-{i}-{'é' * (i % 3)}",
+                "api.request" if i % 2 else "llm.tokens",
+                "//gw/eu",
+                f"customer-{i % 7}",
+                1_700_000_000_000 + i * 1001,
+                long_data if i == 5 else f'{{"n":{i},"s":"日本😀"}}',
+                "" if i % 4 else "[meter] reason",
+            ),
+            "topic-a",
+            i % 3,
+            1000 + i,
+            1_700_000_000_500 + i,
+        )
+        for i, ns in enumerate(["acme", "globex", ""] * 40)
+    ]
+    columns = event_columns(items, features.time_unit)
+    assert await clickhouse_db.insert_columns("events", EVENT_COLUMNS, columns) == len(items)
+    selected = [
+        f"toUnixTimestamp({c})" if c in ("time", "ingested_at") else c for c in EVENT_COLUMNS
+    ]
+    rows = await clickhouse_db.query(
+        f"SELECT {', '.join(selected)} FROM {clickhouse_db.table('events')} ORDER BY _offset"
+    )
+    expected = [
+        (*e[:5], e.time_ms // 1000, e.data, stamp // 1000, e.validation_error, topic, p, offset)
+        for e, topic, p, offset, stamp in items
+    ]
+    assert [tuple(row) for row in rows] == expected
 
 
 async def test_an_insert_withdrawn_after_the_sample_block_writes_nothing(

@@ -13,6 +13,7 @@ from sink.clickhouse import (
     event_columns,
     parse_version,
     quote,
+    string_column,
 )
 from sink.decode import Event
 
@@ -204,3 +205,40 @@ def test_negative_record_timestamp_becomes_zero() -> None:
 
 def test_event_columns_of_no_items() -> None:
     assert event_columns([], 1) == [[] for _ in EVENT_COLUMNS]
+
+
+# --- String columns -------------------------------------------------------------------------
+
+
+def driver_strings(values: list[str]) -> bytes:
+    """The driver's own encoding of a String column, for reference."""
+    import asyncio
+
+    from asynch.proto.streams.buffered import BufferedWriter
+
+    writer = BufferedWriter(max_buffer_size=1 << 40)
+    asyncio.run(writer.write_strings(values))
+    return bytes(writer.buffer)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [],
+        [""],
+        ["acme"] * 10,
+        ["a", "", "bb", "", "ccc"],
+        ["x" * 127, "y" * 128, "z" * 16_383, "w" * 16_384, "v" * 300_000],
+        ["日本語", "€", "😀" * 40, "ascii", "\x00\x01"],
+        [f"id-{i}" for i in range(1_000)],
+        ["repeat", "repeat", "other", "repeat"] * 50 + ["é" * 200] * 3,
+    ],
+    ids=["empty", "one-empty", "repeating", "short", "long", "utf8", "unique", "mixed"],
+)
+def test_string_column_is_the_native_encoding(values: list[str]) -> None:
+    assert string_column(values) == driver_strings(values)
+
+
+def test_string_column_refuses_what_utf8_cannot_hold() -> None:
+    with pytest.raises(UnicodeEncodeError):
+        string_column(["ok", "\ud800", "ok"])
