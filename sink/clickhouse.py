@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import re
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -477,23 +478,29 @@ class OffsetStore:
         await self.ch.insert_columns(self.table, OFFSET_COLUMNS, data)
 
 
+_ITEM = [operator.itemgetter(k) for k in range(5)]  # sink.batch.Item's fields
+_EVENT = [operator.itemgetter(k) for k in range(8)]  # sink.decode.Event's fields
+
+
 def event_columns(
     items: Sequence[Any], time_divisor: int, keys: StorageKeys | None = None
 ) -> list[Sequence[Any]]:
     """Columnar block for EVENT_COLUMNS from batch items (`sink.batch.Item`); `_topic` is
     the topic's storage key."""
-    if not items:
-        return [[] for _ in EVENT_COLUMNS]
-    # Transposed in C (zip), not appended per row and column.
-    events, topics, partitions, offsets, stamps = zip(*items, strict=True)
-    namespace, ids, types, sources, subjects, times, data, errors = zip(*events, strict=True)
+    # Transposed column by column in C (map over itemgetters): no per-row objects, so a
+    # process holding many rows does not feed the cyclic collector (as zip(*rows) would).
+    events = list(map(_ITEM[0], items))
+    namespace, ids, types, sources, subjects, times, data, errors = (
+        list(map(field, events)) for field in _EVENT
+    )
     if time_divisor != 1:
-        times = tuple(t // time_divisor for t in times)
-    ingested = tuple(max(0, t) // time_divisor for t in stamps)
+        times = [t // time_divisor for t in times]
+    ingested = [max(0, t) // time_divisor for t in map(_ITEM[4], items)]
+    topics, partitions, offsets = (list(map(_ITEM[k], items)) for k in (1, 2, 3))
     if keys is not None:
         stored = {t: keys.key(t) for t in set(topics)}
         if any(t != k for t, k in stored.items()):
-            topics = tuple(stored[t] for t in topics)
+            topics = [stored[t] for t in topics]
     return [
         namespace,
         ids,
