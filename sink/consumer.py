@@ -10,7 +10,9 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.consumer import fetcher
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.structs import ConsumerRecord
 
 from sink.batch import Reject
 from sink.config import Config, KafkaConfig
@@ -34,6 +36,47 @@ def security(kafka: KafkaConfig) -> dict[str, Any]:
     return opts
 
 
+def as_parsed(value: bytes | None) -> bytes | None:
+    """The worker consumer's value deserializer. It changes no value; it marks a consumer
+    whose fetches hand out each record as aiokafka parsed it (offset, timestamp, key, value,
+    headers), without building a ConsumerRecord per record: the worker knows each fetched
+    list's partition, and builds full records only for the few it dead-letters."""
+    return value
+
+
+class _PartitionRecords(fetcher.PartitionRecords):  # type: ignore[misc]
+    def _consumer_record(self, tp: Any, record: Any) -> Any:
+        if self._value_deserializer is as_parsed:
+            return record
+        return super()._consumer_record(tp, record)
+
+
+# Consumers without the marker are untouched. Should aiokafka drop this hook, the marker is a
+# plain identity deserializer and fetches hand out ConsumerRecords again.
+if callable(getattr(fetcher.PartitionRecords, "_consumer_record", None)):
+    fetcher.PartitionRecords = _PartitionRecords
+
+
+def full_record(topic: str, partition: int, record: Any) -> ConsumerRecord[bytes, bytes]:
+    """A ConsumerRecord for a fetched record (either kind): what the dead-letter topic needs."""
+    if isinstance(record, ConsumerRecord):
+        return record
+    key, value = record.key, record.value
+    return ConsumerRecord(
+        topic,
+        partition,
+        record.offset,
+        record.timestamp,
+        record.timestamp_type,
+        key,
+        value,
+        record.checksum,
+        len(key) if key is not None else -1,
+        len(value) if value is not None else -1,
+        tuple(record.headers),
+    )
+
+
 def make_consumer(config: Config) -> AIOKafkaConsumer:
     k = config.kafka
     return AIOKafkaConsumer(
@@ -52,6 +95,7 @@ def make_consumer(config: Config) -> AIOKafkaConsumer:
         max_partition_fetch_bytes=k.max_partition_fetch_bytes,
         isolation_level="read_committed",
         metadata_max_age_ms=30_000,
+        value_deserializer=as_parsed,
         **security(k),
     )
 

@@ -36,7 +36,7 @@ from sink.clickhouse import (
     topics_table,
 )
 from sink.config import Config
-from sink.consumer import DeadLetters, Namespaces
+from sink.consumer import DeadLetters, Namespaces, full_record
 from sink.errors import ClickHouseRejected, DependencyError, RedisUnavailable
 from sink.meters import MeterIndex
 from sink.metrics import Metrics
@@ -339,7 +339,7 @@ class Worker:
                 # Item(...) without the namedtuple's Python-level __new__: this runs per record.
                 add(_new_tuple(Item, (result, topic, partition, record.offset, record.timestamp)))
             else:
-                rejects.append(Reject(record, result))  # type: ignore[arg-type]
+                rejects.append(Reject(full_record(topic, partition, record), result))  # type: ignore[arg-type]
         batch.nbytes += nbytes
         batch.extend(tp, epoch, records[0].offset, records[-1].offset)
         self.metrics.consumed.labels(topic).inc(len(records))

@@ -1,0 +1,74 @@
+"""The worker's consumer hands out records as aiokafka parsed them; other consumers do not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka.consumer import fetcher
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from aiokafka.record.memory_records import MemoryRecords
+from aiokafka.structs import ConsumerRecord, TopicPartition
+
+from sink.consumer import as_parsed, full_record
+
+TP = TopicPartition("usage", 3)
+
+
+def _fetched(value_deserializer: Any) -> list[Any]:
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    builder.append(0, timestamp=1_000, key=b"k0", value=b"v0", headers=[("h", b"1")])
+    builder.append(1, timestamp=1_001, key=None, value=None, headers=[])
+    builder.append(2, timestamp=1_002, key=b"k2", value=b'{"a":1}', headers=[])
+    records = MemoryRecords(bytes(builder.build()))
+    # The class the fetcher builds for each fetched partition (as aiokafka's fetcher does).
+    partition = fetcher.PartitionRecords(TP, records, [], 1, None, value_deserializer, True, 0)
+    return list(partition)
+
+
+def test_the_marked_consumer_gets_records_as_parsed() -> None:
+    records = _fetched(as_parsed)
+    assert [r.offset for r in records] == [1, 2]  # from the fetch offset on
+    assert not any(isinstance(r, ConsumerRecord) for r in records)
+    assert [(r.key, r.value, r.timestamp) for r in records] == [
+        (None, None, 1_001),
+        (b"k2", b'{"a":1}', 1_002),
+    ]
+
+
+def test_other_consumers_still_get_consumer_records() -> None:
+    records = _fetched(None)
+    assert all(isinstance(r, ConsumerRecord) for r in records)
+    assert [(r.topic, r.partition, r.offset) for r in records] == [("usage", 3, 1), ("usage", 3, 2)]
+
+
+def test_full_record_is_what_aiokafka_would_have_built() -> None:
+    raw = _fetched(as_parsed)
+    stock = _fetched(None)
+    assert [full_record("usage", 3, r) for r in raw] == stock
+    assert full_record("usage", 3, stock[0]) is stock[0]
+
+
+def test_full_record_keeps_headers() -> None:
+    builder = DefaultRecordBatchBuilder(
+        magic=2,
+        compression_type=0,
+        is_transactional=0,
+        producer_id=-1,
+        producer_epoch=-1,
+        base_sequence=-1,
+        batch_size=1 << 20,
+    )
+    builder.append(7, timestamp=5, key=b"k", value=b"v", headers=[("ns", b"acme"), ("x", None)])
+    batch = MemoryRecords(bytes(builder.build())).next_batch()
+    (record,) = list(batch)
+    full = full_record("t", 0, record)
+    assert full.headers == (("ns", b"acme"), ("x", None))
+    assert (full.offset, full.serialized_key_size, full.serialized_value_size) == (7, 1, 1)
