@@ -70,11 +70,15 @@ return n
 _CHUNK = 10_000
 
 
+def framing(namespace: str, source: str) -> str:
+    """The part of an identity before its id: each field with its length in front, so no two
+    identities frame alike."""
+    return f"{len(namespace)}:{namespace}{len(source)}:{source}"
+
+
 def identity_key(prefix: bytes, namespace: str, source: str, event_id: str) -> bytes:
-    """Short, collision-safe key: the separator byte cannot occur in the hashed fields' framing."""
-    framed = f"{len(namespace)}:{namespace}{len(source)}:{source}{event_id}".encode(
-        "utf-8", "surrogatepass"
-    )
+    """Short, collision-safe key: the xxh3-128 digest of the framed identity."""
+    framed = (framing(namespace, source) + event_id).encode("utf-8", "surrogatepass")
     return prefix + xxhash.xxh3_128_digest(framed)
 
 
@@ -224,8 +228,10 @@ class Grouped(NamedTuple):
     keys: list[bytes]
     coords: list[bytes]
     """Coordinates of the first occurrence of each key: what is claimed."""
-    occurrences: list[list[Any]]
-    """Every item of each key, in batch order."""
+    firsts: list[Any]
+    """The first item of each key."""
+    repeats: dict[int, list[Any]]
+    """Later items of a key that occurs more than once, by the key's index, in batch order."""
 
 
 def _plain(topic: str) -> str:
@@ -234,10 +240,11 @@ def _plain(topic: str) -> str:
 
 def group(items: Sequence[Any], prefix: bytes, topic_key: Callable[[str], str] = _plain) -> Grouped:
     """Group a batch by identity key (the hot path of dedup: one pass, no calls per item
-    beyond the hash). Coordinates name topics by `topic_key` (their storage key)."""
+    beyond the hash, no object per identity). Coordinates name topics by `topic_key` (their
+    storage key)."""
     index: dict[bytes, int] = {}
-    grouped = Grouped([], [], [])
-    keys, coords, occurrences = grouped.keys, grouped.coords, grouped.occurrences
+    grouped = Grouped([], [], [], {})
+    keys, coords, firsts, repeats = grouped
     digest = xxhash.xxh3_128_digest
     partition_prefix: dict[tuple[str, int], str] = {}
     # The framing of (namespace, source) repeats across a batch: made once per pair.
@@ -245,23 +252,24 @@ def group(items: Sequence[Any], prefix: bytes, topic_key: Callable[[str], str] =
     for item in items:
         event = item.event
         pair = (event.namespace, event.source)
-        framing = heads.get(pair)
-        if framing is None:
-            namespace, source = pair
-            framing = heads[pair] = f"{len(namespace)}:{namespace}{len(source)}:{source}"
-        key = prefix + digest((framing + event.id).encode("utf-8", "surrogatepass"))
+        head = heads.get(pair)
+        if head is None:
+            head = heads[pair] = framing(*pair)
+        key = prefix + digest((head + event.id).encode("utf-8", "surrogatepass"))
         slot = index.get(key)
         if slot is None:
             index[key] = len(keys)
             keys.append(key)
             tp = (item.topic, item.partition)
-            head = partition_prefix.get(tp)
-            if head is None:
-                head = partition_prefix[tp] = f"{topic_key(item.topic)}:{item.partition}:"
-            coords.append(f"{head}{item.offset}".encode())
-            occurrences.append([item])
+            at = partition_prefix.get(tp)
+            if at is None:
+                at = partition_prefix[tp] = f"{topic_key(item.topic)}:{item.partition}:"
+            coords.append(f"{at}{item.offset}".encode())
+            firsts.append(item)
+        elif slot in repeats:
+            repeats[slot].append(item)
         else:
-            occurrences[slot].append(item)
+            repeats[slot] = [item]
     return grouped
 
 
@@ -269,16 +277,20 @@ def keep(
     grouped: Grouped, holders: Sequence[bytes], topic_key: Callable[[str], str] = _plain
 ) -> list[Any]:
     """The items whose coordinates hold their identity's marker, in batch order of identity."""
+    keys, coords, firsts, repeats = grouped
+    if len(holders) != len(keys):
+        raise ValueError(f"{len(holders)} holders for {len(keys)} identity keys")
+    if not repeats:
+        pairs = zip(firsts, coords, holders, strict=True)
+        return [first for first, mine, holder in pairs if holder == mine]
     kept = []
-    for first_coords, holder, items in zip(
-        grouped.coords, holders, grouped.occurrences, strict=True
-    ):
-        if holder == first_coords:
-            kept.append(items[0])
-        elif len(items) > 1:
+    for slot, (first, mine, holder) in enumerate(zip(firsts, coords, holders, strict=True)):
+        if holder == mine:
+            kept.append(first)
+        elif slot in repeats:
             kept.extend(
                 i
-                for i in items[1:]
+                for i in repeats[slot]
                 if coordinates(topic_key(i.topic), i.partition, i.offset) == holder
             )
     return kept

@@ -130,7 +130,8 @@ def test_group_claims_only_the_first_occurrence() -> None:
         identity_key(PREFIX, "acme", "api", "b"),
     ]
     assert grouped.coords == [coordinates(a1.topic, 0, 1), coordinates(b.topic, 0, 2)]
-    assert grouped.occurrences == [[a1, a2, a3], [b]]
+    assert grouped.firsts == [a1, b]
+    assert grouped.repeats == {0: [a2, a3]}
 
 
 async def test_in_batch_repeats_keep_only_the_first(store: MemoryDedup) -> None:
@@ -174,7 +175,7 @@ def test_keep_needs_one_holder_per_key() -> None:
 
 def test_empty_batch() -> None:
     grouped = group([], PREFIX)
-    assert grouped == ([], [], [])
+    assert grouped == ([], [], [], {})
     assert keep(grouped, []) == []
 
 
