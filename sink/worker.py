@@ -139,6 +139,10 @@ class Worker:
         self._wake_flusher = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._room = asyncio.Event()
+        """Set when the flusher has landed (or dropped) a batch: held rows went down."""
+        self._full_since: float | None = None
+        """Since when max_in_flight rows have been held (None while there is room)."""
         self._paused: set[TopicPartition] = set()
         self._blocked: list[str] = []
         """Dependencies that retry loops are waiting for (one entry per waiting loop)."""
@@ -279,6 +283,8 @@ class Worker:
         while not self._stopping:
             if self.assignments.pending:
                 await self._position_pending()
+            if await self._wait_for_room():
+                continue
             try:
                 fetched = await self.consumer.getmany(
                     timeout_ms=100, max_records=min(5_000, self.triggers.max_rows)
@@ -361,11 +367,38 @@ class Worker:
             batches.append(self._flushing)
         return sum(b.records for b in batches), sum(b.nbytes for b in batches)
 
+    async def _wait_for_room(self) -> bool:
+        """While max_in_flight rows are held, fetch nothing and wait for the flusher; True if
+        it waited. The consumer keeps what it has fetched ahead meanwhile (pausing would throw
+        that away, to be fetched again). A wait longer than a quarter of max_poll_interval
+        gives way to pausing, so the poll loop keeps polling."""
+        rows, nbytes = self._in_flight()
+        self.metrics.in_flight_rows.set(rows)
+        self.metrics.in_flight_bytes.set(nbytes)
+        if rows < self.config.batch.max_in_flight or self._stopping:
+            self._full_since = None
+            return False
+        now = time.monotonic()
+        if self._full_since is None:
+            self._full_since = now
+        if self._waited_too_long(now):
+            return False
+        self._maybe_seal()
+        self._room.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._room.wait(), 0.5)
+        return True
+
+    def _waited_too_long(self, now: float) -> bool:
+        since = self._full_since
+        return since is not None and now - since > self.config.kafka.max_poll_interval / 4
+
     def _backpressure(self) -> None:
         rows, nbytes = self._in_flight()
         self.metrics.in_flight_rows.set(rows)
         self.metrics.in_flight_bytes.set(nbytes)
-        hold = rows >= self.config.batch.max_in_flight or bool(self._blocked)
+        full = rows >= self.config.batch.max_in_flight and self._waited_too_long(time.monotonic())
+        hold = full or bool(self._blocked)
         held = set(self.assignments.epochs)
         want = held if hold else set(self.assignments.pending)
         to_pause, to_resume = want - self._paused, (self._paused & held) - want
@@ -507,6 +540,7 @@ class Worker:
         self._sealed = deque(b.without(tps) for b in self._sealed)
         self._sealed = deque(b for b in self._sealed if b)
         self._paused -= set(tps)
+        self._room.set()
         for tp in tps:
             self._lag.pop(tp, None)
             self._next_fetch.pop(tp, None)
@@ -549,6 +583,7 @@ class Worker:
                     self.log.info("batch dropped: partitions moved", ranges=_ranges(batch))
                 finally:
                     self._flushing = None
+                    self._room.set()
         finally:
             if ahead is not None:
                 ahead[1].cancel()
@@ -620,7 +655,7 @@ class Worker:
         except RedisUnavailable:
             self.metrics.dedup_bypassed.inc(len(grouped.keys))
             self.log.warning("dedup bypassed: redis unavailable", events=len(grouped.keys))
-            return [occ[0] for occ in grouped.occurrences]
+            return list(grouped.firsts)
         self.metrics.dedup_seconds.observe(time.monotonic() - t0)
         self._dependency_ok("redis")
         return dedup.keep(grouped, holders, self.topics.key)

@@ -235,6 +235,54 @@ async def test_metrics_count_a_known_workload_exactly(
     assert proc.stop() == 0
 
 
+async def test_a_backlog_lands_within_max_in_flight_without_pausing(
+    make_topics: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    clickhouse_db: ClickHouse,
+    sink_config: Callable[..., Any],
+    run_sink: Callable[..., Any],
+    uid: str,
+) -> None:
+    """A backlog far larger than max_in_flight: the rows held never exceed the limit by more
+    than one poll, and the worker waits for room instead of pausing partitions (a pause
+    throws away what the consumer fetched ahead)."""
+    topics, namespaces = await topics_for(make_topics, uid, partitions=3)
+    work = Workload(topics, namespaces, partitions=3, seed=37)
+    work.add(12_000, duplicate_share=0.05, invalid_share=0.0)
+    await work.send(producer)
+    port = free_port()
+    max_rows, max_in_flight = 200, 1000
+    proc = run_sink(
+        sink_config(
+            **_base_config(uid, port),
+            batch={"max_rows": max_rows, "max_wait": "200ms", "max_in_flight": max_in_flight},
+        )
+    )
+    held: list[float] = []
+    paused: list[float] = []
+    landed = asyncio.create_task(
+        wait_landed(clickhouse_db, work.ends, timeout=180, alive=lambda: proc.running)
+    )
+    while not landed.done():
+        try:
+            m = await asyncio.to_thread(Scrape.of, port)
+        except OSError:  # not listening yet
+            await asyncio.sleep(0.05)
+            continue
+        held.append(m.value("sink_in_flight_rows") or 0.0)
+        paused.append(m.value("sink_paused_partitions") or 0.0)
+        await asyncio.sleep(0.02)
+    await landed
+    await assert_exact(clickhouse_db, work.expected)
+    # One poll takes at most max_rows records.
+    assert len(held) > 20 and max(held) <= max_in_flight - 1 + max_rows, (len(held), max(held))
+    assert max(held) >= max_in_flight - max_rows, "the backlog never filled the worker"
+    # (Partitions are paused at start, until positioned from the landed offsets.)
+    full = [p for h, p in zip(held, paused, strict=True) if h >= max_in_flight - max_rows]
+    assert full and max(full) == 0, full
+    assert proc.stop() == 0
+
+
 async def test_healthz_and_status_report_the_worker_without_its_secrets(
     services: Services,
     make_topics: Callable[..., Any],
