@@ -54,6 +54,9 @@ class Batch:
     recovered: bool = False
     """Some rows were found already in ClickHouse (an insert whose outcome was unknown); the
     landed offsets must then be written for every partition, the view may not have run."""
+    grouping: Any = None
+    """The items grouped by identity as they are added (a sink.dedup.Grouping); a batch that
+    loses partitions is a new Batch, grouped again when it is claimed."""
 
     @property
     def records(self) -> int:

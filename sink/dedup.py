@@ -15,7 +15,7 @@ a later repeat of the same batch (a replay whose order changed), that repeat is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import redis.asyncio as redis_async
@@ -176,23 +176,30 @@ class RedisDedup:
         if any(len(k) != width for k in keys):
             raise ValueError("identity keys must share one width")
         try:
-            for start in range(0, max(1, len(keys)), _CHUNK):
-                chunk = slice(start, start + _CHUNK)
-                taken = await self._claim(
-                    keys=extra_keys,
-                    args=[
-                        self._ttl,
-                        width,
-                        b"".join(keys[chunk]),
-                        b"\n".join(coords[chunk]),
-                        *extra_values,
-                    ],
-                )
-                extra_keys, extra_values = [], []
-                for at in range(0, len(taken), 2):
-                    holders[start + int(taken[at]) - 1] = taken[at + 1]
+            # The chunks go out in one pipeline (one round trip), in order on one connection:
+            # the pending ranges, written with the first chunk, come before every claim.
+            async with self._client.pipeline(transaction=False) as pipe:
+                starts = range(0, max(1, len(keys)), _CHUNK)
+                for start in starts:
+                    chunk = slice(start, start + _CHUNK)
+                    await self._claim(
+                        keys=extra_keys,
+                        args=[
+                            self._ttl,
+                            width,
+                            b"".join(keys[chunk]),
+                            b"\n".join(coords[chunk]),
+                            *extra_values,
+                        ],
+                        client=pipe,
+                    )
+                    extra_keys, extra_values = [], []
+                replies = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise RedisUnavailable(f"dedup claim failed: {exc}") from exc
+        for start, taken in zip(starts, replies, strict=True):
+            for at in range(0, len(taken), 2):
+                holders[start + int(taken[at]) - 1] = taken[at + 1]
         return holders
 
     async def pending(self, keys: Sequence[bytes]) -> list[bytes | None]:
@@ -238,39 +245,53 @@ def _plain(topic: str) -> str:
     return topic
 
 
-def group(items: Sequence[Any], prefix: bytes, topic_key: Callable[[str], str] = _plain) -> Grouped:
-    """Group a batch by identity key (the hot path of dedup: one pass, no calls per item
-    beyond the hash, no object per identity). Coordinates name topics by `topic_key` (their
-    storage key)."""
-    index: dict[bytes, int] = {}
-    grouped = Grouped([], [], [], {})
-    keys, coords, firsts, repeats = grouped
-    digest = xxhash.xxh3_128_digest
-    partition_prefix: dict[tuple[str, int], str] = {}
-    # The framing of (namespace, source) repeats across a batch: made once per pair.
-    heads: dict[tuple[str, str], str] = {}
-    for item in items:
-        event = item.event
-        pair = (event.namespace, event.source)
-        head = heads.get(pair)
-        if head is None:
-            head = heads[pair] = framing(*pair)
-        key = prefix + digest((head + event.id).encode("utf-8", "surrogatepass"))
-        slot = index.get(key)
-        if slot is None:
-            index[key] = len(keys)
-            keys.append(key)
-            tp = (item.topic, item.partition)
-            at = partition_prefix.get(tp)
-            if at is None:
-                at = partition_prefix[tp] = f"{topic_key(item.topic)}:{item.partition}:"
-            coords.append(f"{at}{item.offset}".encode())
-            firsts.append(item)
-        elif slot in repeats:
-            repeats[slot].append(item)
-        else:
-            repeats[slot] = [item]
-    return grouped
+class Grouping:
+    """Groups items by identity key as they arrive: the hot path of dedup (one pass, no calls
+    per item beyond the hash, no object per identity). Coordinates name topics by
+    `topic_key` (their storage key)."""
+
+    def __init__(self, prefix: bytes, topic_key: Callable[[str], str] = _plain) -> None:
+        self.grouped = Grouped([], [], [], {})
+        self._prefix = prefix
+        self._topic_key = topic_key
+        self._index: dict[bytes, int] = {}
+        # Made once per batch: the framing of each (namespace, source), the coordinates'
+        # head of each partition.
+        self._heads: dict[tuple[str, str], str] = {}
+        self._partition_heads: dict[tuple[str, int], str] = {}
+
+    def add(self, items: Iterable[Any]) -> None:
+        keys, coords, firsts, repeats = self.grouped
+        index, heads, partition_heads = self._index, self._heads, self._partition_heads
+        prefix, digest = self._prefix, xxhash.xxh3_128_digest
+        for item in items:
+            event = item.event
+            pair = (event.namespace, event.source)
+            head = heads.get(pair)
+            if head is None:
+                head = heads[pair] = framing(*pair)
+            key = prefix + digest((head + event.id).encode("utf-8", "surrogatepass"))
+            slot = index.get(key)
+            if slot is None:
+                index[key] = len(keys)
+                keys.append(key)
+                tp = (item.topic, item.partition)
+                at = partition_heads.get(tp)
+                if at is None:
+                    at = partition_heads[tp] = f"{self._topic_key(item.topic)}:{item.partition}:"
+                coords.append(f"{at}{item.offset}".encode())
+                firsts.append(item)
+            elif slot in repeats:
+                repeats[slot].append(item)
+            else:
+                repeats[slot] = [item]
+
+
+def group(items: Iterable[Any], prefix: bytes, topic_key: Callable[[str], str] = _plain) -> Grouped:
+    """A batch's items grouped by identity key, in one go."""
+    grouping = Grouping(prefix, topic_key)
+    grouping.add(items)
+    return grouping.grouped
 
 
 def keep(

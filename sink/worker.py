@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import operator
 import random
 import re
@@ -287,7 +288,7 @@ class Worker:
                 continue
             try:
                 fetched = await self.consumer.getmany(
-                    timeout_ms=100, max_records=min(5_000, self.triggers.max_rows)
+                    timeout_ms=100, max_records=min(500, self.triggers.max_rows)
                 )
                 delay = self.config.worker.retry_initial
                 self._dependency_ok("kafka")
@@ -334,7 +335,7 @@ class Worker:
         by_header = self.config.events.namespace_header is not None
         items, rejects = batch.items, batch.rejects
         add, decode, event_type = items.append, decoding.decode, decoding.Event
-        nbytes = 0
+        nbytes, first = 0, len(items)
         for record in records:
             value = record.value
             nbytes += len(value) if value else 0
@@ -348,6 +349,11 @@ class Worker:
                 rejects.append(Reject(full_record(topic, partition, record), result))  # type: ignore[arg-type]
         batch.nbytes += nbytes
         batch.extend(tp, epoch, records[0].offset, records[-1].offset)
+        if self.store is not None:
+            # Grouped for dedup as they come, so the claim of a sealed batch waits for nothing.
+            if batch.grouping is None:
+                batch.grouping = dedup.Grouping(self.key_prefix, self.topics.key)
+            batch.grouping.add(itertools.islice(items, first, None))
         self.metrics.consumed.labels(topic).inc(len(records))
 
     def _maybe_seal(self) -> None:
@@ -642,7 +648,10 @@ class Worker:
     async def _deduplicate(self, batch: Batch, behind: Batch | None = None) -> list[Item]:
         if self.store is None or not batch.items:
             return batch.items
-        grouped = dedup.group(batch.items, self.key_prefix, self.topics.key)
+        if batch.grouping is not None:
+            grouped = batch.grouping.grouped
+        else:
+            grouped = dedup.group(batch.items, self.key_prefix, self.topics.key)
         pending = self._pending_ranges(batch, behind)
         store = self.store
         t0 = time.monotonic()

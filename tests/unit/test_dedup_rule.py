@@ -12,7 +12,7 @@ import pytest
 
 from sink.batch import Item
 from sink.decode import Event
-from sink.dedup import MemoryDedup, coordinates, group, identity_key, keep
+from sink.dedup import Grouping, MemoryDedup, coordinates, group, identity_key, keep
 
 PREFIX = b"sink:dedup:"
 
@@ -132,6 +132,24 @@ def test_group_claims_only_the_first_occurrence() -> None:
     assert grouped.coords == [coordinates(a1.topic, 0, 1), coordinates(b.topic, 0, 2)]
     assert grouped.firsts == [a1, b]
     assert grouped.repeats == {0: [a2, a3]}
+
+
+def test_grouping_in_steps_is_grouping_at_once() -> None:
+    batch = [
+        item("a", offset=1),
+        item("b", offset=2),
+        item("a", partition=1, offset=3),
+        item("c", offset=4),
+        item("b", topic="x", offset=5),
+        item("a", offset=6),
+    ]
+    once = group(batch, PREFIX)
+    for cut in range(len(batch) + 1):
+        steps = Grouping(PREFIX)
+        steps.add(batch[:cut])
+        steps.add(iter(batch[cut:]))
+        assert steps.grouped == once, cut
+    assert once.repeats == {0: [batch[2], batch[5]], 1: [batch[4]]}
 
 
 async def test_in_batch_repeats_keep_only_the_first(store: MemoryDedup) -> None:
