@@ -6,6 +6,7 @@ The accumulator fills the open batch; the worker seals it when a trigger fires.
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class Batch:
     recovered: bool = False
     """Some rows were found already in ClickHouse (an insert whose outcome was unknown); the
     landed offsets must then be written for every partition, the view may not have run."""
+    _bounds: tuple[list[Item], int, int, int] | None = None
+    """(items, their number, lowest, highest event time in ms) when last taken."""
     grouping: Any = None
     """The items grouped by identity as they are added (a sink.dedup.Grouping); a batch that
     loses partitions is a new Batch, grouped again when it is claimed."""
@@ -84,6 +87,14 @@ class Batch:
         kept.nbytes = self.nbytes * kept.records // max(1, self.records)
         return kept
 
+    def time_bounds(self) -> tuple[int, int]:
+        """Lowest and highest event time (epoch ms) of the batch's rows (it has some)."""
+        bounds, items = self._bounds, self.items
+        if bounds is None or bounds[0] is not items or bounds[1] != len(items):
+            times = list(map(_TIME_MS, map(_EVENT, items)))
+            bounds = self._bounds = (items, len(times), min(times), max(times))
+        return bounds[2], bounds[3]
+
     def commit_offsets(self) -> dict[TopicPartition, int]:
         """Kafka offsets to commit once the batch landed: last + 1 per partition."""
         return {tp: r.last + 1 for tp, r in self.ranges.items()}
@@ -94,12 +105,19 @@ class Batch:
         recovery, every partition's."""
         if self.recovered:
             return {tp: r.last for tp, r in self.ranges.items()}
-        top: dict[TopicPartition, int] = {}
-        for item in landed_rows:
-            tp = (item.topic, item.partition)
-            if item.offset > top.get(tp, -1):
-                top[tp] = item.offset
-        return {tp: r.last for tp, r in self.ranges.items() if top.get(tp, -1) < r.last}
+        ends = {(tp[0], tp[1], r.last) for tp, r in self.ranges.items()}
+        rows = list(landed_rows)
+        # Offsets of a partition never exceed its last: it is a tail unless its last landed.
+        coords = zip(map(_TOPIC, rows), map(_PARTITION, rows), map(_OFFSET, rows), strict=True)
+        landed = ends.intersection(coords)
+        return {tp: r.last for tp, r in self.ranges.items() if (tp[0], tp[1], r.last) not in landed}
+
+
+_EVENT = operator.itemgetter(0)  # Item.event
+_TOPIC = operator.itemgetter(1)
+_PARTITION = operator.itemgetter(2)
+_OFFSET = operator.itemgetter(3)
+_TIME_MS = operator.itemgetter(5)  # Event.time_ms
 
 
 def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, tuple[int, int]], tuple[int, int]]:
@@ -121,9 +139,11 @@ def pending_ranges(batch: Batch, behind: Batch | None = None) -> dict[TopicParti
     and the times cover both batches."""
     if not batch.items:
         return {}
-    held = [batch.items] if behind is None or not behind.items else [batch.items, behind.items]
-    low = min(min(i.event.time_ms for i in items) for items in held) // 1000
-    high = max(max(i.event.time_ms for i in items) for items in held) // 1000
+    low, high = batch.time_bounds()
+    if behind is not None and behind.items:
+        behind_low, behind_high = behind.time_bounds()
+        low, high = min(low, behind_low), max(high, behind_high)
+    low, high = low // 1000, high // 1000
     earlier = behind.ranges if behind is not None else {}
     out = {}
     for tp, r in batch.ranges.items():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import operator
 import re
 import struct
@@ -493,9 +494,11 @@ def event_columns(
     namespace, ids, types, sources, subjects, times, data, errors = (
         list(map(field, events)) for field in _EVENT
     )
+    divisors = itertools.repeat(time_divisor)
     if time_divisor != 1:
-        times = [t // time_divisor for t in times]
-    ingested = [max(0, t) // time_divisor for t in map(_ITEM[4], items)]
+        times = list(map(operator.floordiv, times, divisors))
+    stamps = map(max, map(_ITEM[4], items), itertools.repeat(0))
+    ingested = list(map(operator.floordiv, stamps, divisors))
     topics, partitions, offsets = (list(map(_ITEM[k], items)) for k in (1, 2, 3))
     if keys is not None:
         stored = {t: keys.key(t) for t in set(topics)}

@@ -48,7 +48,9 @@ T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
 
 
+_EVENT = operator.itemgetter(0)  # Item.event
 _TOPIC = operator.itemgetter(1)  # Item.topic
+_VALIDATION_ERROR = operator.itemgetter(7)  # Event.validation_error
 _new_tuple = tuple.__new__
 _METER_SLUG = re.compile(r"\[([a-z][a-z0-9_]*)\]")
 
@@ -860,10 +862,9 @@ class Worker:
             reasons[reject.reason.code] = reasons.get(reject.reason.code, 0) + 1
         for reason, count in reasons.items():
             m.dead_letters.labels(reason).inc(count)
-        for item in landed:
-            if item.event.validation_error:
-                for slug in _METER_SLUG.findall(item.event.validation_error):
-                    m.meter_invalid.labels(slug).inc()
+        for problems in filter(None, map(_VALIDATION_ERROR, map(_EVENT, landed))):
+            for slug in _METER_SLUG.findall(problems):
+                m.meter_invalid.labels(slug).inc()
         m.batches.inc()
         m.batch_rows.observe(batch.records)
         m.batch_bytes.observe(batch.nbytes)

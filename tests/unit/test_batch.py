@@ -237,3 +237,12 @@ def test_pending_ranges_reach_back_over_the_batch_still_landing() -> None:
 def test_pending_ranges_of_a_batch_of_dead_letters_only() -> None:
     batch = batch_of({A: (0, 1)}, rejects={0, 1})
     assert pending_ranges(batch) == {}
+
+
+def test_time_bounds_follow_the_items() -> None:
+    batch = timed({A: (0, 4)}, 1_000)
+    assert batch.time_bounds() == (1_000_999, 1_004_999)
+    batch.items.append(item(B, 0)._replace(event=item(B, 0).event._replace(time_ms=5)))
+    assert batch.time_bounds() == (5, 1_004_999)
+    batch.items = [i._replace(event=i.event._replace(time_ms=7)) for i in batch.items]
+    assert batch.time_bounds() == (7, 7)
