@@ -21,6 +21,8 @@ ANCESTOR_RULES: list[tuple[str, Any]] = [
     ("dead-letter produce (DeadLetters.send)", lambda f, fn: f.endswith("sink/consumer.py")
      and fn == "send"),
     ("logging (structlog / logging)", lambda f, fn: "/structlog/" in f or "/logging/" in f),
+    ("cyclic garbage collector (runs on a clock)", lambda f, fn: f.endswith("sink/app.py")
+     and fn == "_collect_garbage"),
     ("metrics + HTTP endpoints", lambda f, fn: "/prometheus_client/" in f
      or f.endswith("sink/health.py") or f.endswith("sink/metrics.py")),
 ]  # fmt: skip
@@ -30,11 +32,12 @@ LEAF_RULES: list[tuple[str, Any]] = [
     ("decode + validate (sink/decode.py, orjson, RFC 3339)", lambda f, fn: f.endswith(
         "sink/decode.py")),
     ("dedup: hashing, grouping, keep (sink/dedup.py)", lambda f, fn: f.endswith("sink/dedup.py")
-     and fn in ("identity_key", "coordinates", "group", "keep", "pending_key")),
+     and fn in ("identity_key", "coordinates", "group", "Grouping.add", "framing", "keep",
+                "pending_key")),
     ("dedup: redis client (Lua call, RESP)", lambda f, fn: "/redis/" in f
      or f.endswith("sink/dedup.py")),
     ("column building (event_columns)", lambda f, fn: f.endswith("sink/clickhouse.py")
-     and fn == "event_columns"),
+     and fn.startswith("event_columns")),
     ("ClickHouse insert/query: asynch serialisation + protocol", lambda f, fn: "/asynch/" in f
      or "/clickhouse_driver/" in f or f.endswith("sink/clickhouse.py")),
     ("Kafka fetch + record parsing (aiokafka consumer)", lambda f, fn: "/aiokafka/" in f),

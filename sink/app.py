@@ -196,7 +196,7 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
         log.info("stopped")
 
 
-_GC_INTERVAL = 5.0
+_GC_INTERVAL = 15.0
 """Seconds between runs of the cyclic garbage collector (see _tune_gc)."""
 
 

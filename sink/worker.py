@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import operator
 import random
 import re
@@ -355,7 +354,7 @@ class Worker:
             # Grouped for dedup as they come, so the claim of a sealed batch waits for nothing.
             if batch.grouping is None:
                 batch.grouping = dedup.Grouping(self.key_prefix, self.topics.key)
-            batch.grouping.add(itertools.islice(items, first, None))
+            batch.grouping.add(items[first:])
         self.metrics.consumed.labels(topic).inc(len(records))
 
     def _maybe_seal(self) -> None:
