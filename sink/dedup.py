@@ -15,7 +15,7 @@ a later repeat of the same batch (a replay whose order changed), that repeat is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import redis.asyncio as redis_async
@@ -252,6 +252,8 @@ class Grouping:
 
     def __init__(self, prefix: bytes, topic_key: Callable[[str], str] = _plain) -> None:
         self.grouped = Grouped([], [], [], {})
+        self.added = 0
+        """How many items were added: the batch's first `added` items are grouped."""
         self._prefix = prefix
         self._topic_key = topic_key
         self._index: dict[bytes, int] = {}
@@ -260,10 +262,11 @@ class Grouping:
         self._heads: dict[tuple[str, str], str] = {}
         self._partition_heads: dict[tuple[str, int], str] = {}
 
-    def add(self, items: Iterable[Any]) -> None:
+    def add(self, items: Sequence[Any]) -> None:
         keys, coords, firsts, repeats = self.grouped
         index, heads, partition_heads = self._index, self._heads, self._partition_heads
         prefix, digest = self._prefix, xxhash.xxh3_128_digest
+        self.added += len(items)
         for item in items:
             event = item.event
             pair = (event.namespace, event.source)
@@ -287,7 +290,7 @@ class Grouping:
                 repeats[slot] = [item]
 
 
-def group(items: Iterable[Any], prefix: bytes, topic_key: Callable[[str], str] = _plain) -> Grouped:
+def group(items: Sequence[Any], prefix: bytes, topic_key: Callable[[str], str] = _plain) -> Grouped:
     """A batch's items grouped by identity key, in one go."""
     grouping = Grouping(prefix, topic_key)
     grouping.add(items)

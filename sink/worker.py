@@ -336,7 +336,7 @@ class Worker:
         by_header = self.config.events.namespace_header is not None
         items, rejects = batch.items, batch.rejects
         add, decode, event_type = items.append, decoding.decode, decoding.Event
-        nbytes, first = 0, len(items)
+        nbytes = 0
         for record in records:
             value = record.value
             nbytes += len(value) if value else 0
@@ -352,9 +352,12 @@ class Worker:
         batch.extend(tp, epoch, records[0].offset, records[-1].offset)
         if self.store is not None:
             # Grouped for dedup as they come, so the claim of a sealed batch waits for nothing.
-            if batch.grouping is None:
-                batch.grouping = dedup.Grouping(self.key_prefix, self.topics.key)
-            batch.grouping.add(items[first:])
+            # (A batch rebuilt without some partitions has no grouping: it starts from its
+            # first item.)
+            grouping = batch.grouping
+            if grouping is None:
+                grouping = batch.grouping = dedup.Grouping(self.key_prefix, self.topics.key)
+            grouping.add(items[grouping.added :])
         self.metrics.consumed.labels(topic).inc(len(records))
 
     def _maybe_seal(self) -> None:
@@ -649,9 +652,10 @@ class Worker:
     async def _deduplicate(self, batch: Batch, behind: Batch | None = None) -> list[Item]:
         if self.store is None or not batch.items:
             return batch.items
-        if batch.grouping is not None:
-            grouped = batch.grouping.grouped
-        else:
+        grouping = batch.grouping
+        if grouping is not None and grouping.added == len(batch.items):
+            grouped = grouping.grouped
+        else:  # grouped here if the batch changed after it was grouped
             grouped = dedup.group(batch.items, self.key_prefix, self.topics.key)
         pending = self._pending_ranges(batch, behind)
         store = self.store

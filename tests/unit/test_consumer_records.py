@@ -14,8 +14,9 @@ from sink.consumer import as_parsed, full_record
 TP = TopicPartition("usage", 3)
 
 
-def _fetched(value_deserializer: Any) -> list[Any]:
-    builder = DefaultRecordBatchBuilder(
+def _builder() -> DefaultRecordBatchBuilder:
+    """A record batch as a producer writes it (magic 2, uncompressed, not transactional)."""
+    return DefaultRecordBatchBuilder(
         magic=2,
         compression_type=0,
         is_transactional=0,
@@ -24,6 +25,10 @@ def _fetched(value_deserializer: Any) -> list[Any]:
         base_sequence=-1,
         batch_size=1 << 20,
     )
+
+
+def _fetched(value_deserializer: Any) -> list[Any]:
+    builder = _builder()
     builder.append(0, timestamp=1_000, key=b"k0", value=b"v0", headers=[("h", b"1")])
     builder.append(1, timestamp=1_001, key=None, value=None, headers=[])
     builder.append(2, timestamp=1_002, key=b"k2", value=b'{"a":1}', headers=[])
@@ -57,15 +62,7 @@ def test_full_record_is_what_aiokafka_would_have_built() -> None:
 
 
 def test_full_record_keeps_headers() -> None:
-    builder = DefaultRecordBatchBuilder(
-        magic=2,
-        compression_type=0,
-        is_transactional=0,
-        producer_id=-1,
-        producer_epoch=-1,
-        base_sequence=-1,
-        batch_size=1 << 20,
-    )
+    builder = _builder()
     builder.append(7, timestamp=5, key=b"k", value=b"v", headers=[("ns", b"acme"), ("x", None)])
     batch = MemoryRecords(bytes(builder.build())).next_batch()
     (record,) = list(batch)

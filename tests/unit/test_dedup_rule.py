@@ -147,8 +147,9 @@ def test_grouping_in_steps_is_grouping_at_once() -> None:
     for cut in range(len(batch) + 1):
         steps = Grouping(PREFIX)
         steps.add(batch[:cut])
-        steps.add(iter(batch[cut:]))
+        steps.add(batch[cut:])
         assert steps.grouped == once, cut
+        assert steps.added == len(batch)
     assert once.repeats == {0: [batch[2], batch[5]], 1: [batch[4]]}
 
 
