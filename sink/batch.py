@@ -91,7 +91,7 @@ class Batch:
         """Lowest and highest event time (epoch ms) of the batch's rows (it has some)."""
         bounds, items = self._bounds, self.items
         if bounds is None or bounds[0] is not items or bounds[1] != len(items):
-            times = list(map(_TIME_MS, map(_EVENT, items)))
+            times = list(map(TIME_MS_OF, map(EVENT_OF, items)))
             bounds = self._bounds = (items, len(times), min(times), max(times))
         return bounds[2], bounds[3]
 
@@ -108,16 +108,19 @@ class Batch:
         ends = {(tp[0], tp[1], r.last) for tp, r in self.ranges.items()}
         rows = list(landed_rows)
         # Offsets of a partition never exceed its last: it is a tail unless its last landed.
-        coords = zip(map(_TOPIC, rows), map(_PARTITION, rows), map(_OFFSET, rows), strict=True)
+        coords = zip(
+            map(TOPIC_OF, rows), map(PARTITION_OF, rows), map(OFFSET_OF, rows), strict=True
+        )
         landed = ends.intersection(coords)
         return {tp: r.last for tp, r in self.ranges.items() if (tp[0], tp[1], r.last) not in landed}
 
 
-_EVENT = operator.itemgetter(0)  # Item.event
-_TOPIC = operator.itemgetter(1)
-_PARTITION = operator.itemgetter(2)
-_OFFSET = operator.itemgetter(3)
-_TIME_MS = operator.itemgetter(5)  # Event.time_ms
+# Fields by position, for passes over a whole batch at C level (`map`).
+EVENT_OF = operator.itemgetter(0)  # Item.event
+TOPIC_OF = operator.itemgetter(1)  # Item.topic
+PARTITION_OF = operator.itemgetter(2)  # Item.partition
+OFFSET_OF = operator.itemgetter(3)  # Item.offset
+TIME_MS_OF = operator.itemgetter(5)  # Event.time_ms
 
 
 def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, tuple[int, int]], tuple[int, int]]:

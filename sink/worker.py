@@ -26,7 +26,18 @@ from aiokafka.errors import KafkaError
 
 from sink import decode as decoding
 from sink import dedup
-from sink.batch import Batch, Item, Reject, TopicPartition, Triggers, due, pending_ranges, span
+from sink.batch import (
+    EVENT_OF,
+    TOPIC_OF,
+    Batch,
+    Item,
+    Reject,
+    TopicPartition,
+    Triggers,
+    due,
+    pending_ranges,
+    span,
+)
 from sink.clickhouse import (
     EVENT_COLUMNS,
     ClickHouse,
@@ -47,8 +58,6 @@ T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
 
 
-_EVENT = operator.itemgetter(0)  # Item.event
-_TOPIC = operator.itemgetter(1)  # Item.topic
 _VALIDATION_ERROR = operator.itemgetter(7)  # Event.validation_error
 _new_tuple = tuple.__new__
 _METER_SLUG = re.compile(r"\[([a-z][a-z0-9_]*)\]")
@@ -865,7 +874,7 @@ class Worker:
             reasons[reject.reason.code] = reasons.get(reject.reason.code, 0) + 1
         for reason, count in reasons.items():
             m.dead_letters.labels(reason).inc(count)
-        for problems in filter(None, map(_VALIDATION_ERROR, map(_EVENT, landed))):
+        for problems in filter(None, map(_VALIDATION_ERROR, map(EVENT_OF, landed))):
             for slug in _METER_SLUG.findall(problems):
                 m.meter_invalid.labels(slug).inc()
         m.batches.inc()
@@ -1007,7 +1016,7 @@ def _rfc3339(ms: int) -> str:
 
 
 def _count_topics(items: Sequence[Item]) -> dict[str, int]:
-    return Counter(map(_TOPIC, items))
+    return Counter(map(TOPIC_OF, items))
 
 
 def _jitter(delay: float) -> float:
