@@ -95,14 +95,17 @@ async def insert(p: dict[str, Any]) -> dict[str, Any]:
     seen: set[bytes] = set()
     prep0 = time.monotonic()
     for record, topic, offset in coordinates(spec):
-        event = decoding.decode(record.value, namespaces.of_topic(topic), 1024 * 1024)
+        namespace = namespaces.of_topic(topic)
+        event = decoding.decode(
+            record.value, namespace, 1024 * 1024, None, topic, record.partition, offset, stamp
+        )
         if type(event) is not decoding.Event:
             continue
         key = identity_key(b"", event.namespace, event.source, event.id)
         if key in seen:
             continue
         seen.add(key)
-        items.append(Item(event, topic, record.partition, offset, stamp))
+        items.append(event)
     prepare_s = time.monotonic() - prep0
     ch = ClickHouse(p["clickhouse"], connect_timeout=10, query_timeout=300)
     try:
@@ -179,16 +182,23 @@ async def naive(p: dict[str, Any]) -> dict[str, Any]:
                 namespace = namespaces.of_topic(tp.topic)
                 for record in records:
                     n += 1
-                    event = decoding.decode(record.value, namespace, 1024 * 1024)
+                    event = decoding.decode(
+                        record.value,
+                        namespace,
+                        1024 * 1024,
+                        None,
+                        tp.topic,
+                        tp.partition,
+                        record.offset,
+                        record.timestamp,
+                    )
                     if type(event) is not decoding.Event:
                         invalid += 1
                         continue
                     key = identity_key(prefix, event.namespace, event.source, event.id)
                     coords = coordinates(tp.topic, tp.partition, record.offset)
                     if await redis.set(key, coords, nx=True, ex=3600):
-                        rows.append(
-                            Item(event, tp.topic, tp.partition, record.offset, record.timestamp)
-                        )
+                        rows.append(event)
                     else:
                         duplicates += 1
             if rows:

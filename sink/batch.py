@@ -17,14 +17,16 @@ from sink.decode import Event, Rejection
 TopicPartition = tuple[str, int]
 
 
-class Item(NamedTuple):
-    """A valid event with its Kafka coordinates and record timestamp."""
+Item = Event
+"""A batch's row: a valid event with its Kafka coordinates and record timestamp (one tuple
+per row, made by the decoder)."""
 
-    event: Event
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
+
+def as_item(event: Event, topic: str, partition: int, offset: int, timestamp_ms: int) -> Item:
+    """The event as a row of the given record."""
+    return event._replace(
+        topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp_ms
+    )
 
 
 class Reject(NamedTuple):
@@ -91,7 +93,7 @@ class Batch:
         """Lowest and highest event time (epoch ms) of the batch's rows (it has some)."""
         bounds, items = self._bounds, self.items
         if bounds is None or bounds[0] is not items or bounds[1] != len(items):
-            times = list(map(TIME_MS_OF, map(EVENT_OF, items)))
+            times = list(map(TIME_MS_OF, items))
             bounds = self._bounds = (items, len(times), min(times), max(times))
         return bounds[2], bounds[3]
 
@@ -116,11 +118,11 @@ class Batch:
 
 
 # Fields by position, for passes over a whole batch at C level (`map`).
-EVENT_OF = operator.itemgetter(0)  # Item.event
-TOPIC_OF = operator.itemgetter(1)  # Item.topic
-PARTITION_OF = operator.itemgetter(2)  # Item.partition
-OFFSET_OF = operator.itemgetter(3)  # Item.offset
-TIME_MS_OF = operator.itemgetter(5)  # Event.time_ms
+FIELD_OF = {name: operator.itemgetter(k) for k, name in enumerate(Item._fields)}
+TOPIC_OF = FIELD_OF["topic"]
+PARTITION_OF = FIELD_OF["partition"]
+OFFSET_OF = FIELD_OF["offset"]
+TIME_MS_OF = FIELD_OF["time_ms"]
 
 
 def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, tuple[int, int]], tuple[int, int]]:
@@ -131,7 +133,7 @@ def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, tuple[int, int]], 
         tp = (item.topic, item.partition)
         first, last = ranges.get(tp, (item.offset, item.offset))
         ranges[tp] = (min(first, item.offset), max(last, item.offset))
-        low, high = min(low, item.event.time_ms), max(high, item.event.time_ms)
+        low, high = min(low, item.time_ms), max(high, item.time_ms)
     return ranges, (low // 1000, high // 1000)
 
 

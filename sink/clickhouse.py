@@ -479,8 +479,7 @@ class OffsetStore:
         await self.ch.insert_columns(self.table, OFFSET_COLUMNS, data)
 
 
-_ITEM = [operator.itemgetter(k) for k in range(5)]  # sink.batch.Item's fields
-_EVENT = [operator.itemgetter(k) for k in range(8)]  # sink.decode.Event's fields
+_FIELDS = [operator.itemgetter(k) for k in range(12)]  # sink.batch.Item's fields
 
 
 def event_columns(
@@ -490,16 +489,24 @@ def event_columns(
     the topic's storage key."""
     # Transposed column by column in C (map over itemgetters): no per-row objects, so a
     # process holding many rows does not feed the cyclic collector (as zip(*rows) would).
-    events = list(map(_ITEM[0], items))
-    namespace, ids, types, sources, subjects, times, data, errors = (
-        list(map(field, events)) for field in _EVENT
-    )
+    (
+        namespace,
+        ids,
+        types,
+        sources,
+        subjects,
+        times,
+        data,
+        errors,
+        topics,
+        partitions,
+        offsets,
+        stamps,
+    ) = (list(map(field, items)) for field in _FIELDS)
     divisors = itertools.repeat(time_divisor)
     if time_divisor != 1:
         times = list(map(operator.floordiv, times, divisors))
-    stamps = map(max, map(_ITEM[4], items), itertools.repeat(0))
-    ingested = list(map(operator.floordiv, stamps, divisors))
-    topics, partitions, offsets = (list(map(_ITEM[k], items)) for k in (1, 2, 3))
+    ingested = list(map(operator.floordiv, map(max, stamps, itertools.repeat(0)), divisors))
     if keys is not None:
         stored = {t: keys.key(t) for t in set(topics)}
         if any(t != k for t, k in stored.items()):

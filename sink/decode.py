@@ -32,7 +32,8 @@ _MAX_TIME_MS = (2**32 - 1) * 1000
 
 
 class Event(NamedTuple):
-    """A valid event, ready to be a row (the Kafka coordinates travel beside it)."""
+    """A valid event, ready to be a row, with the Kafka coordinates of its record (zero and
+    empty when it was decoded without them)."""
 
     namespace: str
     id: str
@@ -41,9 +42,15 @@ class Event(NamedTuple):
     subject: str
     time_ms: int
     data: str
-    """The `data` object as compact JSON text, top-level scalars first."""
+    """The `data` object as compact JSON text, top-level scalars first. (Text, not the
+    serialiser's bytes: orjson's bytes objects keep a buffer of about 4 KB each.)"""
     validation_error: str = ""
     """Why a meter of this event's type cannot read it (`[slug] reason; ...`), else ''."""
+    topic: str = ""
+    partition: int = 0
+    offset: int = 0
+    timestamp_ms: int = 0
+    """The record's Kafka timestamp."""
 
 
 class Rejection(NamedTuple):
@@ -112,9 +119,16 @@ _NOT_COMMON = (msgspec.DecodeError, UnicodeDecodeError)
 
 
 def decode(
-    value: bytes | None, namespace: str, max_bytes: int, check: MeterCheck | None = None
+    value: bytes | None,
+    namespace: str,
+    max_bytes: int,
+    check: MeterCheck | None = None,
+    topic: str = "",
+    partition: int = 0,
+    offset: int = 0,
+    timestamp_ms: int = 0,
 ) -> Event | Rejection:
-    """Parse and validate one record value."""
+    """Parse and validate one record value; the event carries the record's coordinates."""
     if not value:
         return Rejection(EMPTY, "record has no value")
     if len(value) > max_bytes:
@@ -122,7 +136,12 @@ def decode(
     try:
         doc = _read_common(value)
     except _NOT_COMMON:
-        return _decode_general(value, namespace, check)
+        result = _decode_general(value, namespace, check)
+        if topic and type(result) is Event:
+            return result._replace(
+                topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp_ms
+            )
+        return result
     time_ms = parse_time(doc.time)
     if isinstance(time_ms, Rejection):
         return time_ms
@@ -142,6 +161,10 @@ def decode(
             time_ms,
             orjson.dumps(data).decode(),
             check(type_, data) if check is not None else "",
+            topic,
+            partition,
+            offset,
+            timestamp_ms,
         ),
     )
 

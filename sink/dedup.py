@@ -257,37 +257,47 @@ class Grouping:
         self._prefix = prefix
         self._topic_key = topic_key
         self._index: dict[bytes, int] = {}
-        # Made once per batch: the framing of each (namespace, source), the coordinates'
-        # head of each partition.
+        # Made once per batch: the framing of each (namespace, source). The coordinates' head
+        # (`topic:partition:`) is made again only when the partition changes from one item to
+        # the next (items come in runs of one partition).
         self._heads: dict[tuple[str, str], str] = {}
-        self._partition_heads: dict[tuple[str, int], str] = {}
+        self._last: tuple[str | None, int, str] = (None, -1, "")
 
     def add(self, items: Sequence[Any]) -> None:
         keys, coords, firsts, repeats = self.grouped
-        index, heads, partition_heads = self._index, self._heads, self._partition_heads
+        index, heads = self._index, self._heads
         prefix, digest = self._prefix, xxhash.xxh3_128_digest
+        place, add_key, add_coords, add_first = (
+            index.setdefault,
+            keys.append,
+            coords.append,
+            firsts.append,
+        )
         self.added += len(items)
+        n = len(keys)
+        topic, partition, at = self._last
+        # Items are sink.batch.Item rows, read by position: namespace 0, id 1, source 3,
+        # topic 8, partition 9, offset 10.
         for item in items:
-            event = item.event
-            pair = (event.namespace, event.source)
+            pair = (item[0], item[3])
             head = heads.get(pair)
             if head is None:
                 head = heads[pair] = framing(*pair)
-            key = prefix + digest((head + event.id).encode("utf-8", "surrogatepass"))
-            slot = index.get(key)
-            if slot is None:
-                index[key] = len(keys)
-                keys.append(key)
-                tp = (item.topic, item.partition)
-                at = partition_heads.get(tp)
-                if at is None:
-                    at = partition_heads[tp] = f"{self._topic_key(item.topic)}:{item.partition}:"
-                coords.append(f"{at}{item.offset}".encode())
-                firsts.append(item)
+            key = prefix + digest((head + item[1]).encode("utf-8", "surrogatepass"))
+            slot = place(key, n)
+            if slot == n:
+                n += 1
+                add_key(key)
+                if item[9] != partition or item[8] != topic:
+                    topic, partition = item[8], item[9]
+                    at = f"{self._topic_key(topic)}:{partition}:"
+                add_coords(f"{at}{item[10]}".encode())
+                add_first(item)
             elif slot in repeats:
                 repeats[slot].append(item)
             else:
                 repeats[slot] = [item]
+        self._last = (topic, partition, at)
 
 
 def group(items: Sequence[Any], prefix: bytes, topic_key: Callable[[str], str] = _plain) -> Grouped:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import operator
 import random
 import re
 import time
@@ -27,7 +26,7 @@ from aiokafka.errors import KafkaError
 from sink import decode as decoding
 from sink import dedup
 from sink.batch import (
-    EVENT_OF,
+    FIELD_OF,
     TOPIC_OF,
     Batch,
     Item,
@@ -58,8 +57,7 @@ T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
 
 
-_VALIDATION_ERROR = operator.itemgetter(7)  # Event.validation_error
-_new_tuple = tuple.__new__
+_VALIDATION_ERROR = FIELD_OF["validation_error"]
 _METER_SLUG = re.compile(r"\[([a-z][a-z0-9_]*)\]")
 
 
@@ -351,10 +349,11 @@ class Worker:
             nbytes += len(value) if value else 0
             if by_header:
                 namespace = self.namespaces.of_record(topic, record.headers)
-            result = decode(value, namespace, max_bytes, check)
+            # The decoder makes the batch's row (an Item): the event with its coordinates.
+            offset, stamp = record.offset, record.timestamp
+            result = decode(value, namespace, max_bytes, check, topic, partition, offset, stamp)
             if type(result) is event_type:
-                # Item(...) without the namedtuple's Python-level __new__: this runs per record.
-                add(_new_tuple(Item, (result, topic, partition, record.offset, record.timestamp)))
+                add(result)
             else:
                 rejects.append(Reject(full_record(topic, partition, record), result))  # type: ignore[arg-type]
         batch.nbytes += nbytes
@@ -789,10 +788,7 @@ class Worker:
         self.metrics.dead_letters.labels(decoding.REJECTED_BY_CLICKHOUSE).inc(len(items))
         if self.store is not None:
             store = self.store
-            keys = [
-                dedup.identity_key(self.key_prefix, i.event.namespace, i.event.source, i.event.id)
-                for i in items
-            ]
+            keys = [dedup.identity_key(self.key_prefix, i.namespace, i.source, i.id) for i in items]
             coords = [
                 dedup.coordinates(self.topics.key(i.topic), i.partition, i.offset) for i in items
             ]
@@ -874,7 +870,7 @@ class Worker:
             reasons[reject.reason.code] = reasons.get(reject.reason.code, 0) + 1
         for reason, count in reasons.items():
             m.dead_letters.labels(reason).inc(count)
-        for problems in filter(None, map(_VALIDATION_ERROR, map(EVENT_OF, landed))):
+        for problems in filter(None, map(_VALIDATION_ERROR, landed)):
             for slug in _METER_SLUG.findall(problems):
                 m.meter_invalid.labels(slug).inc()
         m.batches.inc()
@@ -993,7 +989,7 @@ class _Rebuilt:
     was decoded: the value is the event rebuilt as CloudEvents JSON."""
 
     def __init__(self, item: Item) -> None:
-        e = item.event
+        e = item
         self.topic, self.partition, self.offset = item.topic, item.partition, item.offset
         self.key = e.subject.encode()
         self.headers: list[tuple[str, bytes]] = [("sink.rebuilt", b"1")]

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as redis_async
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from sink.batch import Item
+from sink.batch import as_item
 from sink.clickhouse import EVENT_COLUMNS, ClickHouse, InsertWithdrawn, Schema, event_columns
 from sink.decode import Event
 from sink.errors import ClickHouseUnavailable
@@ -109,7 +109,7 @@ async def test_event_columns_round_trip_through_the_native_insert(
     await Schema(clickhouse_db, features, "events", "offsets").apply()
     long_data = '{"blob":"' + "x" * 20_000 + '"}'
     items = [
-        Item(
+        as_item(
             Event(
                 ns,
                 f"id-{i}-{'é' * (i % 3)}",
@@ -136,8 +136,17 @@ async def test_event_columns_round_trip_through_the_native_insert(
         f"SELECT {', '.join(selected)} FROM {clickhouse_db.table('events')} ORDER BY _offset"
     )
     expected = [
-        (*e[:5], e.time_ms // 1000, e.data, stamp // 1000, e.validation_error, topic, p, offset)
-        for e, topic, p, offset, stamp in items
+        (
+            *e[:5],
+            e.time_ms // 1000,
+            e.data,
+            e.timestamp_ms // 1000,
+            e.validation_error,
+            e.topic,
+            e.partition,
+            e.offset,
+        )
+        for e in items
     ]
     assert [tuple(row) for row in rows] == expected
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sink.batch import Batch, Item, Range, Reject, Triggers, due, full, pending_ranges
+from sink.batch import Batch, Item, Range, Reject, Triggers, as_item, due, full, pending_ranges
 from sink.decode import Event, Rejection
 
 A = ("om_a_events", 0)
@@ -17,7 +17,7 @@ C = ("om_c_events", 0)
 
 def item(tp: tuple[str, int], offset: int) -> Item:
     event = Event("ns", f"id-{tp}-{offset}", "t", "s", "subj", 0, "{}")
-    return Item(event, tp[0], tp[1], offset, 0)
+    return as_item(event, tp[0], tp[1], offset, 0)
 
 
 def reject(tp: tuple[str, int], offset: int) -> Reject:
@@ -214,10 +214,7 @@ def test_empty_batch_is_never_due() -> None:
 def timed(spans: dict[tuple[str, int], tuple[int, int]], seconds: int) -> Batch:
     """A batch whose events happen at `seconds` + offset."""
     batch = batch_of(spans)
-    batch.items = [
-        i._replace(event=i.event._replace(time_ms=(seconds + i.offset) * 1000 + 999))
-        for i in batch.items
-    ]
+    batch.items = [i._replace(time_ms=(seconds + i.offset) * 1000 + 999) for i in batch.items]
     return batch
 
 
@@ -242,7 +239,7 @@ def test_pending_ranges_of_a_batch_of_dead_letters_only() -> None:
 def test_time_bounds_follow_the_items() -> None:
     batch = timed({A: (0, 4)}, 1_000)
     assert batch.time_bounds() == (1_000_999, 1_004_999)
-    batch.items.append(item(B, 0)._replace(event=item(B, 0).event._replace(time_ms=5)))
+    batch.items.append(item(B, 0)._replace(time_ms=5))
     assert batch.time_bounds() == (5, 1_004_999)
-    batch.items = [i._replace(event=i.event._replace(time_ms=7)) for i in batch.items]
+    batch.items = [i._replace(time_ms=7) for i in batch.items]
     assert batch.time_bounds() == (7, 7)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sink.batch import Item
+from sink.batch import Item, as_item
 from sink.clickhouse import (
     EVENT_COLUMNS,
     OFFSET_COLUMNS,
@@ -166,8 +166,9 @@ def test_quoted_literal_never_ends_early(value: str) -> None:
 
 
 def item(n: int, time_ms: int, timestamp_ms: int) -> Item:
-    event = Event(f"ns{n}", f"id{n}", f"type{n}", f"src{n}", f"subj{n}", time_ms, f'{{"n":{n}}}')
-    return Item(event, f"topic{n}", n, 100 + n, timestamp_ms)
+    data = f'{{"n":{n}}}'
+    event = Event(f"ns{n}", f"id{n}", f"type{n}", f"src{n}", f"subj{n}", time_ms, data)
+    return as_item(event, f"topic{n}", n, 100 + n, timestamp_ms)
 
 
 def test_event_columns_order_and_values_with_millisecond_time() -> None:

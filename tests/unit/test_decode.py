@@ -68,6 +68,21 @@ def test_valid_event_has_every_field() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "data", [{"calls": 3}, {"tags": ["a"], "calls": 3}], ids=["flat", "nested (general path)"]
+)
+def test_event_carries_the_record_coordinates_given(data: dict[str, Any]) -> None:
+    event = decode(encode(doc(data=data)), NS, LIMIT, None, "om_acme_events", 3, 41, 1_700)
+    assert isinstance(event, Event)
+    assert (event.topic, event.partition, event.offset, event.timestamp_ms) == (
+        "om_acme_events",
+        3,
+        41,
+        1_700,
+    )
+    assert event[:8] == decode(encode(doc(data=data)), NS, LIMIT)[:8]
+
+
 @pytest.mark.parametrize("data", [..., None], ids=["absent", "null"])
 def test_event_without_data_stores_an_empty_object(data: Any) -> None:
     event = decode(encode(doc(data=data)), NS, LIMIT)

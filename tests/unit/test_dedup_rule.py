@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from sink.batch import Item
+from sink.batch import Item, as_item
 from sink.decode import Event
 from sink.dedup import Grouping, MemoryDedup, coordinates, group, identity_key, keep
 
@@ -28,7 +28,7 @@ def item(
     subject: str = "s",
 ) -> Item:
     event = Event(namespace, id_, "t", source, subject, 1_700_000_000_000, "{}")
-    return Item(event, topic, partition, offset, 1_700_000_000_000)
+    return as_item(event, topic, partition, offset, 1_700_000_000_000)
 
 
 async def run(store: MemoryDedup, items: Sequence[Item]) -> list[Item]:
@@ -151,6 +151,24 @@ def test_grouping_in_steps_is_grouping_at_once() -> None:
         assert steps.grouped == once, cut
         assert steps.added == len(batch)
     assert once.repeats == {0: [batch[2], batch[5]], 1: [batch[4]]}
+
+
+def test_coordinates_follow_each_item_across_partitions_and_topics() -> None:
+    # Items come in runs of one partition; the coordinates' head changes with every run.
+    batch = [
+        item("a", offset=7),
+        item("b", partition=1, offset=7),
+        item("c", partition=1, offset=8),
+        item("d", topic="x", partition=1, offset=9),
+        item("e", offset=10),
+    ]
+    grouping = Grouping(PREFIX, topic_key=lambda topic: f"k{topic}")
+    for one in batch:
+        grouping.add([one])
+    assert grouping.grouped.coords == [
+        coordinates(f"k{i.topic}", i.partition, i.offset) for i in batch
+    ]
+    assert grouping.grouped == group(batch, PREFIX, lambda topic: f"k{topic}")
 
 
 async def test_in_batch_repeats_keep_only_the_first(store: MemoryDedup) -> None:
