@@ -205,7 +205,7 @@ def test_negative_record_timestamp_becomes_zero() -> None:
 
 
 def test_event_columns_of_no_items() -> None:
-    assert event_columns([], 1) == [[] for _ in EVENT_COLUMNS]
+    assert [list(column) for column in event_columns([], 1)] == [[] for _ in EVENT_COLUMNS]
 
 
 # --- String columns -------------------------------------------------------------------------
@@ -233,8 +233,23 @@ def driver_strings(values: list[str]) -> bytes:
         ["日本語", "€", "😀" * 40, "ascii", "\x00\x01"],
         [f"id-{i}" for i in range(1_000)],
         ["repeat", "repeat", "other", "repeat"] * 50 + ["é" * 200] * 3,
+        [f"{i}-" + "a" * n for i, n in enumerate([0, 1, 125, 126, 127, 500, 16_380, 16_381])],
+        [f'{{"n":{i}}}' for i in range(100)] + ['{"s":"é"}'] + [f"{i}" for i in range(100)],
+        [f"{i}\x7f\x00" for i in range(100)],
     ],
-    ids=["empty", "one-empty", "repeating", "short", "long", "utf8", "unique", "mixed"],
+    ids=[
+        "empty",
+        "one-empty",
+        "repeating",
+        "short",
+        "long",
+        "utf8",
+        "unique",
+        "mixed",
+        "unique-ascii-one-and-two-byte-lengths",
+        "unique-one-non-ascii",
+        "unique-control-chars",
+    ],
 )
 def test_string_column_is_the_native_encoding(values: list[str]) -> None:
     assert string_column(values) == driver_strings(values)
