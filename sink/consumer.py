@@ -50,6 +50,14 @@ class _PartitionRecords(fetcher.PartitionRecords):  # type: ignore[misc]
             return record
         return super()._consumer_record(tp, record)
 
+    def __iter__(self) -> Any:
+        # A fetch of the marked consumer is read (`for record in ...`) straight from
+        # aiokafka's record generator, not through one __next__ call per record.
+        records = getattr(self, "_records_iterator", None)
+        if self._value_deserializer is as_parsed and records is not None:
+            return records
+        return self
+
 
 # Consumers without the marker are untouched. Should aiokafka drop this hook, the marker is a
 # plain identity deserializer and fetches hand out ConsumerRecords again.
