@@ -501,39 +501,15 @@ def event_columns(
     # runs the cyclic collector on a clock, not on allocation counts, so these cost no
     # collections.)
     columns: list[Sequence[Any]] = list(zip(*items, strict=True)) or [()] * _ITEM_FIELDS
-    (
-        namespace,
-        ids,
-        types,
-        sources,
-        subjects,
-        times,
-        data,
-        errors,
-        topics,
-        partitions,
-        offsets,
-        stamps,
-    ) = columns
+    # Item fields: the event's seven columns, then validation_error, topic, partition,
+    # offset, and the record timestamp (which becomes ingested_at, after the event's).
+    event, (errors, topics, partitions, offsets, stamps) = columns[:7], columns[7:]
     divisors = itertools.repeat(time_divisor)
     if time_divisor != 1:
-        times = list(map(operator.floordiv, times, divisors))
+        event[5] = list(map(operator.floordiv, event[5], divisors))
     ingested = list(map(operator.floordiv, map(max, stamps, itertools.repeat(0)), divisors))
     if keys is not None:
         stored = {t: keys.key(t) for t in set(topics)}
         if any(t != k for t, k in stored.items()):
             topics = [stored[t] for t in topics]
-    return [
-        namespace,
-        ids,
-        types,
-        sources,
-        subjects,
-        times,
-        data,
-        ingested,
-        errors,
-        topics,
-        partitions,
-        offsets,
-    ]
+    return [*event, ingested, errors, topics, partitions, offsets]
