@@ -6,6 +6,7 @@ The accumulator fills the open batch; the worker seals it when a trigger fires.
 
 from __future__ import annotations
 
+import itertools
 import operator
 import time
 from collections.abc import Iterable
@@ -107,13 +108,12 @@ class Batch:
         recovery, every partition's."""
         if self.recovered:
             return {tp: r.last for tp, r in self.ranges.items()}
-        ends = {(tp[0], tp[1], r.last) for tp, r in self.ranges.items()}
         rows = list(landed_rows)
         # Offsets of a partition never exceed its last: it is a tail unless its last landed.
-        coords = zip(
-            map(TOPIC_OF, rows), map(PARTITION_OF, rows), map(OFFSET_OF, rows), strict=True
-        )
-        landed = ends.intersection(coords)
+        # Only rows at some partition's last offset can say so: picked out at C level.
+        lasts = {r.last for r in self.ranges.values()}
+        at_a_last = itertools.compress(rows, map(lasts.__contains__, map(OFFSET_OF, rows)))
+        landed = {(i.topic, i.partition, i.offset) for i in at_a_last}
         return {tp: r.last for tp, r in self.ranges.items() if (tp[0], tp[1], r.last) not in landed}
 
 

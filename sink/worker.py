@@ -58,6 +58,7 @@ log = structlog.get_logger("sink.worker")
 
 
 _VALIDATION_ERROR = FIELD_OF["validation_error"]
+_TIMESTAMP_MS = FIELD_OF["timestamp_ms"]
 _METER_SLUG = re.compile(r"\[([a-z][a-z0-9_]*)\]")
 
 
@@ -878,7 +879,8 @@ class Worker:
         m.batch_bytes.observe(batch.nbytes)
         m.flush_seconds.observe(seconds)
         if landed:
-            m.end_to_end.observe(max(0.0, (now_ms - max(i.timestamp_ms for i in landed)) / 1000))
+            newest = max(map(_TIMESTAMP_MS, landed))
+            m.end_to_end.observe(max(0.0, (now_ms - newest) / 1000))
         for (topic, partition), offsets in batch.ranges.items():
             m.landed_offset.labels(topic, str(partition)).set(offsets.last)
         self._last_landed = time.monotonic()

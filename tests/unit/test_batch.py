@@ -159,6 +159,16 @@ def test_nothing_landed_makes_every_partition_a_tail() -> None:
     assert batch.tail_offsets([]) == {A: 9, B: 3, C: 8}
 
 
+def test_a_landed_row_of_another_partition_at_the_same_offset_is_no_end() -> None:
+    # A's last offset (9) was a duplicate; B landed a row at offset 9 too, and its own last.
+    batch = batch_of({A: (0, 9), B: (0, 12), C: (9, 9)})
+    landed = [
+        i for i in batch.items if not (i.partition == A[1] and i.topic == A[0] and i.offset == 9)
+    ]
+    assert batch.tail_offsets(landed) == {A: 9}
+    assert batch.tail_offsets([i for i in landed if i.topic != C[0]]) == {A: 9, C: 9}
+
+
 def test_tail_offsets_ignore_landed_row_order() -> None:
     batch = batch_of({A: (0, 9)})
     assert batch.tail_offsets(list(reversed(batch.items))) == {}
