@@ -137,7 +137,7 @@ def decode(
         doc = _read_common(value)
     except _NOT_COMMON:
         result = _decode_general(value, namespace, check)
-        if topic and type(result) is Event:
+        if type(result) is Event:
             return result._replace(
                 topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp_ms
             )
