@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 import structlog
@@ -418,8 +418,12 @@ class Worker:
         self.metrics.in_flight_bytes.set(nbytes)
         full = rows >= self.config.batch.max_in_flight and self._waited_too_long(time.monotonic())
         hold = full or bool(self._blocked)
-        held = set(self.assignments.epochs)
-        want = held if hold else set(self.assignments.pending)
+        # Only partitions aiokafka still holds: a deleted topic leaves its assignment before
+        # the rebalance listener tells the worker, and pausing it then would raise.
+        held = set(self.assignments.epochs) & {
+            (t.topic, t.partition) for t in self.consumer.assignment()
+        }
+        want = held if hold else set(self.assignments.pending) & held
         to_pause, to_resume = want - self._paused, (self._paused & held) - want
         if to_pause:
             self.consumer.pause(*(KafkaTP(t, p) for t, p in to_pause))
@@ -903,7 +907,7 @@ class Worker:
         held = {tp for b in (self._open, *self._sealed, self._flushing) if b for tp in b.ranges}
         for tp in list(self.assignments.epochs):
             ktp = KafkaTP(*tp)
-            high = self.consumer.highwater(ktp)
+            high = highwater(self.consumer, ktp)
             if high is None or tp in self.assignments.pending:
                 continue
             done = self.assignments.landed.get(tp, -1) + 1
@@ -1006,6 +1010,16 @@ class _Rebuilt:
                 "data": orjson.Fragment(e.data),
             }
         )
+
+
+def highwater(consumer: Any, tp: KafkaTP) -> int | None:
+    """The partition's high watermark as of the last fetch; None if not known yet, or if
+    the consumer no longer holds the partition (revoked, or its topic deleted, before the
+    rebalance listener has told the worker)."""
+    try:
+        return cast(int | None, consumer.highwater(tp))
+    except AssertionError:  # aiokafka: "Partition is not assigned"
+        return None
 
 
 def _rfc3339(ms: int) -> str:
