@@ -25,6 +25,7 @@ from asynch.proto.context import ExecuteContext
 from asynch.proto.protocol import ClientPacket
 from asynch.proto.utils.dsn import parse_dsn
 
+from sink.decode import Event
 from sink.errors import ClickHouseRejected, ClickHouseUnavailable, ConfigError
 
 # Error codes that mean "these rows can never be stored as they are", when the driver raises
@@ -489,7 +490,7 @@ class OffsetStore:
         await self.ch.insert_columns(self.table, OFFSET_COLUMNS, data)
 
 
-_ITEM_FIELDS = 12  # sink.batch.Item's
+_ITEM_FIELDS = len(Event._fields)  # sink.batch.Item is sink.decode.Event
 
 
 def event_columns(
