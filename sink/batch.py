@@ -120,7 +120,6 @@ class Batch:
 # Fields by position, for passes over a whole batch at C level (`map`).
 FIELD_OF = {name: operator.itemgetter(k) for k, name in enumerate(Item._fields)}
 TOPIC_OF = FIELD_OF["topic"]
-PARTITION_OF = FIELD_OF["partition"]
 OFFSET_OF = FIELD_OF["offset"]
 TIME_MS_OF = FIELD_OF["time_ms"]
 
