@@ -34,7 +34,7 @@ LEAF_RULES: list[tuple[str, Any]] = [
     ("dedup: hashing, grouping, keep (sink/dedup.py)", lambda f, fn: f.endswith("sink/dedup.py")
      and fn in ("identity_key", "coordinates", "group", "Grouping.add", "framing", "keep",
                 "pending_key")),
-    ("dedup: redis client (Lua call, RESP)", lambda f, fn: "/redis/" in f
+    ("dedup: redis client (claim commands, RESP)", lambda f, fn: "/redis/" in f
      or f.endswith("sink/dedup.py")),
     ("column building (event_columns)", lambda f, fn: f.endswith("sink/clickhouse.py")
      and fn.startswith("event_columns")),

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import hiredis
 import pytest
 
+from sink import dedup
 from sink.batch import Item, as_item
 from sink.decode import Event
 from sink.dedup import Grouping, MemoryDedup, coordinates, group, identity_key, keep
+from sink.errors import RedisUnavailable
 
 PREFIX = b"sink:dedup:"
 
@@ -288,3 +291,38 @@ def test_identity_key_handles_surrogates() -> None:
 
 def test_coordinates_text() -> None:
     assert coordinates("om_acme_events", 3, 1234) == b"om_acme_events:3:1234"
+
+
+def test_claim_commands_frame_the_pending_ranges_then_one_set_nx_get_per_identity() -> None:
+    reader = hiredis.Reader()
+    keys = [b"k:" + bytes([i]) * 16 for i in (0, 10, 13, 36)]  # bytes that look like framing
+    coords = [b"orders:0:7", b"orders:12:1000000", b"o:1:1", b"x" * 300]
+    reader.feed(dedup.claim_commands(keys, coords, b"7200", {b"k:~pending:orders:0": b"7:9:1:2"}))
+    commands = list(iter(reader.gets, False))
+    assert commands == [
+        [b"SET", b"k:~pending:orders:0", b"7:9:1:2", b"EX", b"7200"],
+        *([b"SET", k, c, b"NX", b"GET", b"EX", b"7200"] for k, c in zip(keys, coords, strict=True)),
+    ]
+    assert dedup.claim_commands([], [], b"60") == b""
+
+
+def test_claim_commands_refuse_keys_of_several_widths_and_unpaired_coordinates() -> None:
+    with pytest.raises(ValueError, match="one width"):
+        dedup.claim_commands([b"a", b"bb"], [b"x:0:1", b"x:0:2"], b"60")
+    with pytest.raises(ValueError, match="2 identity keys for 1"):
+        dedup.claim_commands([b"a", b"b"], [b"x:0:1"], b"60")
+
+
+def test_holders_from_replies_keep_own_coordinates_where_no_marker_was() -> None:
+    coords = [b"t:0:1", b"t:0:2", b"t:0:3"]
+    assert dedup._holders(coords, [b"OK", None, b"u:1:9", None], 1) == [
+        b"t:0:1",
+        b"u:1:9",
+        b"t:0:3",
+    ]
+    with pytest.raises(RedisUnavailable, match="WRONGTYPE"):
+        dedup._holders(coords, [None, hiredis.ReplyError("WRONGTYPE x"), None], 0)
+    with pytest.raises(RedisUnavailable, match="pending range"):
+        dedup._holders(coords, [hiredis.ReplyError("OOM"), None, None, None], 1)
+    with pytest.raises(RedisUnavailable, match="2 replies for 3"):
+        dedup._holders(coords, [None, None], 0)
