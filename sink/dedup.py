@@ -247,6 +247,11 @@ class MemoryDedup:
         return None
 
 
+_LOST = (RedisError, OSError, RuntimeError)
+"""What a failed Redis call raises. (uvloop answers an operation on a transport that a reset
+closed with a RuntimeError, even while redis-py connects.)"""
+
+
 class RedisDedup:
     """The production store: one round trip per claim, markers expire after `ttl`."""
 
@@ -272,32 +277,36 @@ class RedisDedup:
     ) -> list[bytes]:
         commands = claim_commands(keys, coords, self._ttl, pending)
         ranges = len(pending or ())
-        pool = self._client.connection_pool
+        all_new = _OK * ranges + _NIL * len(keys)
         try:
-            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-            try:
-                all_new = _OK * ranges + _NIL * len(keys)
-                async with asyncio.timeout(self._timeout):
-                    await conn.send_packed_command(commands)
-                    replies = await read_replies(conn, ranges + len(keys), all_new)
-            except BaseException:
-                # What the stream still holds would be read as the next command's reply.
-                await conn.disconnect(nowait=True)
-                raise
-            finally:
-                await pool.release(conn)
-        except (RedisError, OSError) as exc:
+            replies = await self._exchange(commands, ranges + len(keys), all_new)
+        except _LOST as exc:
             raise RedisUnavailable(f"dedup claim failed: {exc}") from exc
         if replies is None:
             return list(coords)
         return _holders(coords, replies, ranges)
+
+    async def _exchange(self, commands: bytes, count: int, all_new: bytes) -> list[Any] | None:
+        """Send commands on a pooled connection and read their `count` replies (see
+        `read_replies`). A connection whose stream may still hold replies is closed."""
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.send_packed_command(commands)
+                return await read_replies(conn, count, all_new)
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     async def pending(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
             return []
         try:
             values = await self._client.mget(list(keys))
-        except (RedisError, OSError) as exc:
+        except _LOST as exc:
             raise RedisUnavailable(f"pending ranges read failed: {exc}") from exc
         return [v.encode() if isinstance(v, str) else v for v in values]
 
@@ -306,13 +315,13 @@ class RedisDedup:
             return 0
         try:
             return int(await self._release(keys=list(keys), args=list(coords)))
-        except (RedisError, OSError) as exc:
+        except _LOST as exc:
             raise RedisUnavailable(f"dedup release failed: {exc}") from exc
 
     async def ping(self) -> None:
         try:
             await self._client.ping()
-        except (RedisError, OSError) as exc:
+        except _LOST as exc:
             raise RedisUnavailable(f"redis ping failed: {exc}") from exc
 
     async def close(self) -> None:
