@@ -29,13 +29,13 @@ from redis.exceptions import RedisError, ResponseError
 from sink.errors import RedisUnavailable
 
 # A claim is one `SET key coords NX GET EX ttl` per identity, each atomic on its own, sent as
-# plain commands in one write (one round trip), after the `SET range EX ttl` of each pending
-# range. Plain commands cost Redis less than the same SETs issued from a Lua script, which
+# plain commands, up to 10,000 to a write and its round trip, after the `SET range EX ttl` of each
+# pending range. Plain commands cost Redis less than the same SETs issued from a Lua script, which
 # copies each argument into and out of Lua (in the benchmark, Redis spent 7.4-8.2 CPU s per
-# million events instead of 10.1-10.5). The client's share stays small: the commands are
-# framed by one C-level join; replies that are all "no marker" are recognised as bytes, and
-# any others are parsed by hiredis in one C-level loop, after which only the identities that
-# had a marker are looked at.
+# million events instead of 10.1-10.5). The client's share stays small: the commands are framed by
+# one C-level join; replies that are all "no marker" are recognised as bytes, and any others are
+# parsed by hiredis in one C-level loop, after which only the identities that had a marker are
+# looked at.
 # (The identities of a batch span hash slots: the store needs a standalone Redis; Redis
 # Cluster is not supported, see docs/operating.md.)
 
@@ -53,6 +53,8 @@ _NIL = b"$-1\r\n"
 """The reply of a SET NX GET that found no marker (RESP2, which the store speaks)."""
 _OK = b"+OK\r\n"
 _READ_SIZE = 1 << 16
+_CHUNK = 10_000
+"""Identities per piece of a claim."""
 
 
 def claim_commands(
@@ -85,9 +87,12 @@ def claim_commands(
     return b"".join(ranges + claims)
 
 
-async def read_replies(conn: Any, count: int, all_new: bytes) -> list[Any] | None:
+async def read_replies(
+    conn: Any, count: int, all_new: bytes, stall_s: float | None = None
+) -> list[Any] | None:
     """Read the `count` replies of the commands a connection has just sent: None when they
     are exactly `all_new`, else each reply (None, bytes, or the error Redis answered).
+    `stall_s` bounds each wait for more of them, as redis-py's socket timeout does.
 
     The replies are read from the connection's stream and parsed by hiredis: redis-py reads
     one reply per call, with a timeout each, too slow for thousands. The stream holds nothing
@@ -99,9 +104,7 @@ async def read_replies(conn: Any, count: int, all_new: bytes) -> list[Any] | Non
         return [await _one_reply(conn) for _ in range(count)]
     size = 0
     while size < len(all_new):
-        chunk = await stream.read(_READ_SIZE)
-        if not chunk:
-            raise ConnectionError("Redis closed the connection during a claim")
+        chunk = await _read(stream, stall_s)
         if not all_new.startswith(chunk, size):
             # Some reply differs: everything before this chunk was as expected.
             seen = all_new[:size] + chunk
@@ -123,10 +126,15 @@ async def read_replies(conn: Any, count: int, all_new: bytes) -> list[Any] | Non
             raise ConnectionError(f"unreadable reply to a claim: {exc}") from exc
         if len(replies) >= count:
             return replies
+        reader.feed(await _read(stream, stall_s))
+
+
+async def _read(stream: asyncio.StreamReader, stall_s: float | None) -> bytes:
+    async with asyncio.timeout(stall_s):
         chunk = await stream.read(_READ_SIZE)
-        if not chunk:
-            raise ConnectionError("Redis closed the connection during a claim")
-        reader.feed(chunk)
+    if not chunk:
+        raise ConnectionError("Redis closed the connection during a claim")
+    return chunk
 
 
 async def _one_reply(conn: Any) -> Any:
@@ -253,7 +261,7 @@ closed with a RuntimeError, even while redis-py connects.)"""
 
 
 class RedisDedup:
-    """The production store: one round trip per claim, markers expire after `ttl`."""
+    """The production store: a round trip per 10,000 identities, markers expire after `ttl`."""
 
     def __init__(self, url: str, ttl_seconds: float, socket_timeout: float = 5.0) -> None:
         self._client = redis_async.Redis.from_url(
@@ -275,26 +283,48 @@ class RedisDedup:
         coords: Sequence[bytes],
         pending: Mapping[bytes, bytes] | None = None,
     ) -> list[bytes]:
-        commands = claim_commands(keys, coords, self._ttl, pending)
-        ranges = len(pending or ())
-        all_new = _OK * ranges + _NIL * len(keys)
+        if len(keys) != len(coords):
+            raise ValueError(f"{len(keys)} identity keys for {len(coords)} coordinates")
+        # Pieces of at most _CHUNK identities, each sent once the previous one is answered:
+        # a send waits for Redis to take in what it sends, and the socket timeout bounds each
+        # wait. The pending ranges' SETs go first, with the first piece.
+        starts = range(0, max(1, len(keys)), _CHUNK)
+        ranges = [len(pending or ()), *[0] * (len(starts) - 1)]
+        pieces = [
+            (
+                claim_commands(
+                    keys[start : start + _CHUNK],
+                    coords[start : start + _CHUNK],
+                    self._ttl,
+                    pending if start == 0 else None,
+                ),
+                _OK * n + _NIL * len(keys[start : start + _CHUNK]),
+                n + len(keys[start : start + _CHUNK]),
+            )
+            for start, n in zip(starts, ranges, strict=True)
+        ]
         try:
-            replies = await self._exchange(commands, ranges + len(keys), all_new)
+            answers = await self._exchange(pieces)
         except _LOST as exc:
             raise RedisUnavailable(f"dedup claim failed: {exc}") from exc
-        if replies is None:
-            return list(coords)
-        return _holders(coords, replies, ranges)
+        holders: list[bytes] = []
+        for start, n, replies in zip(starts, ranges, answers, strict=True):
+            mine = coords[start : start + _CHUNK]
+            holders += mine if replies is None else _holders(mine, replies, n)
+        return holders
 
-    async def _exchange(self, commands: bytes, count: int, all_new: bytes) -> list[Any] | None:
-        """Send commands on a pooled connection and read their `count` replies (see
-        `read_replies`). A connection whose stream may still hold replies is closed."""
+    async def _exchange(self, pieces: list[tuple[bytes, bytes, int]]) -> list[list[Any] | None]:
+        """Send each piece's commands on one pooled connection and read its replies (see
+        `read_replies`) before the next is sent. A connection whose stream may still hold
+        replies is closed."""
         pool = self._client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            async with asyncio.timeout(self._timeout):
+            answers = []
+            for commands, all_new, count in pieces:
                 await conn.send_packed_command(commands)
-                return await read_replies(conn, count, all_new)
+                answers.append(await read_replies(conn, count, all_new, self._timeout))
+            return answers
         except BaseException:
             await conn.disconnect(nowait=True)
             raise

@@ -1,7 +1,9 @@
-"""The Redis dedup store against a real Redis: claims, replays, conflicts across chunk
-boundaries, pending ranges and releases."""
+"""The Redis dedup store against a real Redis: claims, replays and conflicts in claims whose
+replies take many reads, pending ranges, releases, error replies, timeouts and RESP3."""
 
 from __future__ import annotations
+
+import time
 
 import redis.asyncio as redis_async
 
@@ -15,10 +17,12 @@ def _keys(prefix: bytes, n: int, tag: str) -> list[bytes]:
     return [dedup.identity_key(prefix, "ns", "src", f"{tag}-{i}") for i in range(n)]
 
 
-async def test_claims_replays_and_conflicts_across_chunks(services: Services, uid: str) -> None:
+async def test_claims_replays_and_conflicts_in_a_claim_of_many_reads(
+    services: Services, uid: str
+) -> None:
     store = RedisDedup(services.redis, ttl_seconds=600)
     prefix = f"t-{uid}:".encode()
-    n = 10_003  # crosses the 10,000-identity chunk
+    n = 10_003  # its replies come in many reads of the stream
     keys = _keys(prefix, n, "a")
     mine = [dedup.coordinates("orders", 0, i) for i in range(n)]
     pending = {dedup.pending_key(prefix, "orders", 0): b"0:10002:1:2"}
@@ -26,7 +30,7 @@ async def test_claims_replays_and_conflicts_across_chunks(services: Services, ui
         assert await store.claim(keys, mine, pending) == mine  # all new
         assert await store.claim(keys, mine) == mine  # our own replay
         theirs = [dedup.coordinates("orders", 1, i) for i in range(n)]
-        # Held elsewhere, in both chunks: each reply maps back to its own chunk's identities.
+        # Held elsewhere: each reply maps back to its own identity.
         assert await store.claim(keys, theirs) == mine
         # Identities 0 and 10,001 held by us; the rest of the call is new identities.
         mixed_keys = [keys[0], *_keys(prefix, 3, "b"), keys[10_001]]
@@ -110,6 +114,26 @@ async def test_one_marker_held_at_the_end_of_a_large_all_new_claim(
         assert await store.claim(keys, mine) == [*mine[:-1], theirs[-1]]
     finally:
         await store.close()
+
+
+async def test_a_claim_longer_than_the_socket_timeout_succeeds_while_redis_answers(
+    services: Services, uid: str
+) -> None:
+    """The socket timeout bounds each wait for more replies, not the whole claim: Redis answers
+    150,000 SETs over more than the 0.5 s allowed to any one wait."""
+    store = RedisDedup(services.redis, ttl_seconds=600, socket_timeout=0.5)
+    prefix = f"t-{uid}:".encode()
+    n = 150_000
+    keys = _keys(prefix, n, "l")
+    mine = [dedup.coordinates("orders", 8, i) for i in range(n)]
+    try:
+        started = time.monotonic()
+        assert await store.claim(keys, mine) == mine
+        took = time.monotonic() - started
+        assert await store.claim(keys[::1000], mine[1::1000]) == mine[::1000]
+    finally:
+        await store.close()
+    print(f"claim of {n:,} identities: {took:.2f} s")
 
 
 async def test_an_error_reply_fails_the_claim_and_the_next_claim_reads_its_own_replies(
