@@ -255,6 +255,15 @@ class MemoryDedup:
         return None
 
 
+class _Piece(NamedTuple):
+    """Up to _CHUNK identities of a claim, sent in one write."""
+
+    coords: Sequence[bytes]
+    ranges: int
+    """How many pending ranges' SETs come first."""
+    commands: bytes
+
+
 _LOST = (RedisError, OSError, RuntimeError)
 """What a failed Redis call raises. (uvloop answers an operation on a transport that a reset
 closed with a RuntimeError, even while redis-py connects.)"""
@@ -288,32 +297,22 @@ class RedisDedup:
         # Pieces of at most _CHUNK identities, each sent once the previous one is answered:
         # a send waits for Redis to take in what it sends, and the socket timeout bounds each
         # wait. The pending ranges' SETs go first, with the first piece.
-        starts = range(0, max(1, len(keys)), _CHUNK)
-        ranges = [len(pending or ()), *[0] * (len(starts) - 1)]
-        pieces = [
-            (
-                claim_commands(
-                    keys[start : start + _CHUNK],
-                    coords[start : start + _CHUNK],
-                    self._ttl,
-                    pending if start == 0 else None,
-                ),
-                _OK * n + _NIL * len(keys[start : start + _CHUNK]),
-                n + len(keys[start : start + _CHUNK]),
-            )
-            for start, n in zip(starts, ranges, strict=True)
-        ]
+        pieces = []
+        for start in range(0, max(1, len(keys)), _CHUNK):
+            mine = coords[start : start + _CHUNK]
+            ranges = pending if start == 0 else None
+            commands = claim_commands(keys[start : start + _CHUNK], mine, self._ttl, ranges)
+            pieces.append(_Piece(mine, len(ranges or ()), commands))
         try:
             answers = await self._exchange(pieces)
         except _LOST as exc:
             raise RedisUnavailable(f"dedup claim failed: {exc}") from exc
         holders: list[bytes] = []
-        for start, n, replies in zip(starts, ranges, answers, strict=True):
-            mine = coords[start : start + _CHUNK]
-            holders += mine if replies is None else _holders(mine, replies, n)
+        for (mine, ranges_sent, _), replies in zip(pieces, answers, strict=True):
+            holders += mine if replies is None else _holders(mine, replies, ranges_sent)
         return holders
 
-    async def _exchange(self, pieces: list[tuple[bytes, bytes, int]]) -> list[list[Any] | None]:
+    async def _exchange(self, pieces: list[_Piece]) -> list[list[Any] | None]:
         """Send each piece's commands on one pooled connection and read its replies (see
         `read_replies`) before the next is sent. A connection whose stream may still hold
         replies is closed."""
@@ -321,8 +320,10 @@ class RedisDedup:
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             answers = []
-            for commands, all_new, count in pieces:
-                await conn.send_packed_command(commands)
+            for piece in pieces:
+                await conn.send_packed_command(piece.commands)
+                count = piece.ranges + len(piece.coords)
+                all_new = _OK * piece.ranges + _NIL * len(piece.coords)
                 answers.append(await read_replies(conn, count, all_new, self._timeout))
             return answers
         except BaseException:
