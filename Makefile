@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 STACK := bash scripts/stack.sh
 PYTEST_ARGS ?=
 
-.PHONY: venv stack-up stack-down stack-status test faults soak unit lint format demo bench deploy-check clean
+.PHONY: venv stack-up stack-down stack-status test faults soak unit lint format demo bench bench-stages deploy-check clean
 BENCH_ARGS ?=
+STAGES_ARGS ?=
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -59,6 +60,10 @@ demo: venv stack-up
 bench: venv stack-up
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	eval "$$($(STACK) env)" && $(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The worker's steps per event on one core, no services (benchmarks/stages.py).
+bench-stages: venv
+	$(PY) -m benchmarks.stages $(STAGES_ARGS)
 
 deploy-check:
 	bash scripts/check-deploy.sh
