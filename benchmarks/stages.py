@@ -108,6 +108,8 @@ class Round:
         self.early_columns = early_columns
         self.seconds: dict[str, float] = {}
         self.records = 0
+        self.kept = 0
+        """Rows that would be inserted: each new valid event once, across batches."""
 
     def timed(self, step: str, call: Callable[[], Any]) -> Any:
         start = time.perf_counter()
@@ -152,6 +154,7 @@ class Round:
         self.timed("claim commands", lambda: dedup.claim_commands(keys, coords, b"3600"))
         holders = [markers.setdefault(k, c) for k, c in zip(keys, coords, strict=True)]
         kept = self.timed("keep", lambda: dedup.keep(grouping.grouped, holders))
+        self.kept += len(kept)
         if not self.early_columns:
             self.timed("columns", lambda: block(kept))
         self.timed("bookkeeping", lambda: bookkeeping(batch, kept))
