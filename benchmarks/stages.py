@@ -29,7 +29,7 @@ import gc
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -119,16 +119,17 @@ class Round:
 
     def run(self, work: Sequence[Fetch], max_rows: int, max_bytes: int) -> None:
         markers: dict[bytes, bytes] = {}  # Redis's side of the claims
-        batch, grouping = Batch(), dedup.Grouping(b"stages:")
+        batch, grouping, in_batch = Batch(), dedup.Grouping(b"stages:"), 0
         for fetch in work:
             new = self.timed("decode", partial(self.decode, fetch, batch, max_bytes))
             self.timed("group", partial(grouping.add, new))
             if self.early_columns:
                 self.timed("columns", partial(block, new))
             self.records += len(fetch.records)
-            if sum(r.last - r.first + 1 for r in batch.ranges.values()) >= max_rows:
+            in_batch += len(fetch.records)
+            if in_batch >= max_rows:
                 self.land(batch, grouping, markers)
-                batch, grouping = Batch(), dedup.Grouping(b"stages:")
+                batch, grouping, in_batch = Batch(), dedup.Grouping(b"stages:"), 0
         if batch.ranges:
             self.land(batch, grouping, markers)
 
@@ -173,7 +174,7 @@ STEPS = ("decode", "group", "claim commands", "keep", "columns", "bookkeeping")
 VARIANTS = {"as the worker": False, "columns per fetch": True}
 
 
-def measure(work: Sequence[Fetch], rounds: int) -> Iterator[tuple[str, dict[str, list[float]]]]:
+def measure(work: Sequence[Fetch], rounds: int) -> list[tuple[str, dict[str, list[float]]]]:
     batch = BatchConfig()
     max_bytes = EventsConfig().max_event_bytes
     per_record: dict[str, dict[str, list[float]]] = {v: {} for v in VARIANTS}
@@ -195,7 +196,7 @@ def measure(work: Sequence[Fetch], rounds: int) -> Iterator[tuple[str, dict[str,
             total = sum(one.seconds.values()) / one.records * 1e6
             per_record[name].setdefault("total", []).append(total)
         print(f"round {n + 1}/{rounds} done", file=sys.stderr, flush=True)
-    yield from per_record.items()
+    return list(per_record.items())
 
 
 def table(results: Sequence[tuple[str, dict[str, list[float]]]]) -> str:
@@ -225,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = fetches(args.events, args.seed)
     records = sum(len(f.records) for f in work)
     print(f"{records:,} records in {len(work):,} fetches; {args.rounds} rounds", file=sys.stderr)
-    results = list(measure(work, args.rounds))
+    results = measure(work, args.rounds)
     print(f"\nMicroseconds per record, {records:,} records, {args.rounds} rounds:\n")
     print(table(results))
 
