@@ -43,7 +43,7 @@ def test_the_table_has_every_step_for_both_variants(capsys: pytest.CaptureFixtur
         for line in capsys.readouterr().out.splitlines()
         if line.startswith("| ") and not line.startswith("| step")
     }
-    assert set(rows) == {*stages.STEPS, "total"}
+    assert set(rows) == {*stages.STEPS, "total", stages.SHARE}
     for cells in rows.values():
         assert len(cells) == 2 * len(stages.VARIANTS)
         assert all(float(cell) > 0 for cell in cells)
