@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from sys import intern
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -25,7 +25,6 @@ MAX_FIELD_CHARS = 1024
 """id, source, type and subject are keys and labels, not payload: bounded."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ONE_MS = timedelta(milliseconds=1)
 # DateTime on every supported ClickHouse version stores unsigned 32-bit seconds.
 _MIN_TIME_MS = 0
 _MAX_TIME_MS = (2**32 - 1) * 1000
@@ -325,7 +324,9 @@ def parse_time(text: str) -> int | Rejection:
         since = moment - _EPOCH
     except OverflowError:
         return Rejection(BAD_TIME, "'time' is out of range")
-    time_ms = since // _ONE_MS
+    # Whole milliseconds, floored: exact, as days and seconds are whole milliseconds (and
+    # cheaper than `since // timedelta(milliseconds=1)`, which goes through microseconds).
+    time_ms = since.days * 86_400_000 + since.seconds * 1000 + since.microseconds // 1000
     if not _MIN_TIME_MS <= time_ms <= _MAX_TIME_MS:
         return Rejection(BAD_TIME, "'time' is outside 1970-01-01..2106-02-07")
     return time_ms
