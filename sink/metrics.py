@@ -59,7 +59,10 @@ class Metrics:
             "sink_insert_seconds", "ClickHouse insert latency", buckets=_LATENCY, registry=r
         )
         self.dedup_seconds = Histogram(
-            "sink_dedup_seconds", "Redis dedup latency per batch", buckets=_LATENCY, registry=r
+            "sink_dedup_seconds",
+            "A batch's Redis claim, retries included",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.end_to_end = Histogram(
             "sink_end_to_end_delay_seconds",
