@@ -40,7 +40,7 @@ from sink.batch import Batch
 from sink.clickhouse import event_columns, string_column
 from sink.config import BatchConfig, EventsConfig
 from sink.decode import Event, decode
-from sink.worker import _count_topics
+from sink.vitals import count_topics
 
 FETCH = 500
 """Records per poll, as the worker asks aiokafka for (`max_records`)."""
@@ -167,8 +167,8 @@ def bookkeeping(batch: Batch, landed: list[Any]) -> None:
     tail offsets, rows per topic for the metrics)."""
     batch.time_bounds()
     batch.tail_offsets(landed)
-    _count_topics(batch.items)
-    _count_topics(landed)
+    count_topics(batch.items)
+    count_topics(landed)
 
 
 STEPS = ("decode", "group", "claim commands", "keep", "columns", "bookkeeping")

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import orjson
@@ -26,8 +24,6 @@ from aiokafka.errors import KafkaError
 from sink import decode as decoding
 from sink import dedup
 from sink.batch import (
-    FIELD_OF,
-    TOPIC_OF,
     Batch,
     Item,
     Reject,
@@ -52,25 +48,14 @@ from sink.meters import MeterIndex
 from sink.metrics import Metrics
 from sink.offsets import Assignments
 from sink.topics import TopicKeys, topic_ids
+from sink.vitals import Vitals
 
 T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
 
 
-_VALIDATION_ERROR = FIELD_OF["validation_error"]
-_TIMESTAMP_MS = FIELD_OF["timestamp_ms"]
-_METER_SLUG = re.compile(r"\[([a-z][a-z0-9_]*)\]")
-
-
 class Abandoned(Exception):
     """The batch lost every partition it held while waiting; nothing of it may be inserted."""
-
-
-@dataclass
-class DependencyState:
-    up: bool = True
-    since: float = field(default_factory=time.monotonic)
-    error: str = ""
 
 
 class FreezeClock:
@@ -157,14 +142,7 @@ class Worker:
         self._blocked: list[str] = []
         """Dependencies that retry loops are waiting for (one entry per waiting loop)."""
         self._stopping = False
-        self._dependencies = {name: DependencyState() for name in ("kafka", "redis", "clickhouse")}
-        for name in self._dependencies:
-            metrics.up.labels(name).set(1)
-        self._last_landed = time.monotonic()
-        self._lagging_since: float | None = None
-        self._last_flush: dict[str, Any] = {}
-        self._errors: deque[dict[str, Any]] = deque(maxlen=20)
-        self._lag: dict[TopicPartition, int] = {}
+        self.vitals = Vitals(metrics)
         self._already_landed: set[tuple[str, int, int]] = set()
         """Coordinates found in ClickHouse after an interrupted insert of a previous owner."""
         self._next_fetch: dict[TopicPartition, int] = {}
@@ -300,9 +278,9 @@ class Worker:
                     timeout_ms=100, max_records=min(500, self.triggers.max_rows)
                 )
                 delay = self.config.worker.retry_initial
-                self._dependency_ok("kafka")
+                self.vitals.ok("kafka")
             except KafkaError as exc:
-                self._dependency_failed("kafka", exc)
+                self.vitals.failed("kafka", exc)
                 await asyncio.sleep(_jitter(delay))
                 delay = min(delay * 2, self.config.worker.retry_max)
                 continue
@@ -442,16 +420,16 @@ class Worker:
         try:
             changed = await self._resolve_topics(tps)
             landed = await self.offsets.landed([t for t, _ in tps])
-            self._dependency_ok("clickhouse")
+            self.vitals.ok("clickhouse")
         except DependencyError as exc:
-            self._dependency_failed("clickhouse", exc)
+            self.vitals.failed("clickhouse", exc)
             self.log.warning("cannot read landed offsets, retrying", error=str(exc)[:300])
             await asyncio.sleep(_jitter(self.config.worker.retry_initial))
             return
         try:
             await self._find_interrupted(tps, landed)
         except DependencyError as exc:
-            self._dependency_failed(exc.dependency, exc)
+            self.vitals.failed(exc.dependency, exc)
             self.log.warning(
                 "cannot check pending ranges, retrying",
                 dependency=exc.dependency,
@@ -564,8 +542,8 @@ class Worker:
         self._sealed = deque(b for b in self._sealed if b)
         self._paused -= set(tps)
         self._room.set()
+        self.vitals.forget(tps)
         for tp in tps:
-            self._lag.pop(tp, None)
             self._next_fetch.pop(tp, None)
         gone = set(tps)
         self._already_landed = {c for c in self._already_landed if (c[0], c[1]) not in gone}
@@ -632,7 +610,8 @@ class Worker:
         await self._retry(lambda: self.landing_offsets.record(tail), batch)
         self.assignments.advance({tp: r.last for tp, r in batch.ranges.items()})
         await self._commit(batch)
-        self._landed_batch(batch, landed, poisoned, time.monotonic() - started)
+        summary = self.vitals.landed(batch, landed, poisoned, time.monotonic() - started)
+        self.log.info("batch landed", ranges=_ranges(batch), **summary)
 
     def _split_already_landed(
         self, batch: Batch, items: list[Item]
@@ -684,7 +663,7 @@ class Worker:
             self.log.warning("dedup bypassed: redis unavailable", events=len(grouped.keys))
             return list(grouped.firsts)
         self.metrics.dedup_seconds.observe(time.monotonic() - t0)
-        self._dependency_ok("redis")
+        self.vitals.ok("redis")
         return dedup.keep(grouped, holders, self.topics.key)
 
     async def _insert(self, batch: Batch, items: list[Item]) -> tuple[list[Item], list[Item]]:
@@ -746,7 +725,7 @@ class Worker:
                     self.log.warning("insert withdrawn before its rows were sent: re-fencing")
                     continue
                 self.metrics.insert_seconds.observe(time.monotonic() - t0)
-                self._dependency_ok("clickhouse")
+                self.vitals.ok("clickhouse")
                 return
 
         await self._retry(attempt, batch)
@@ -824,7 +803,7 @@ class Worker:
                 except DependencyError as exc:
                     attempt += 1
                     failed = exc.dependency
-                    self._dependency_failed(exc.dependency, exc)
+                    self.vitals.failed(exc.dependency, exc)
                     self.metrics.retries.labels(exc.dependency, type(exc).__name__).inc()
                     if give_up:
                         raise
@@ -837,7 +816,7 @@ class Worker:
                         raise Abandoned from exc
                     continue
                 if attempt:
-                    self._dependency_ok(failed)
+                    self.vitals.ok(failed)
                     self.log.info("dependency recovered", dependency=failed, attempts=attempt)
                 return result
         finally:
@@ -855,48 +834,6 @@ class Worker:
         await asyncio.sleep(_jitter(delay))
 
     # ---------------------------------------------------------------- observation
-
-    def _landed_batch(
-        self, batch: Batch, landed: list[Item], poisoned: list[Item], seconds: float
-    ) -> None:
-        m = self.metrics
-        now_ms = time.time() * 1000
-        valid, inserted = _count_topics(batch.items), _count_topics(landed)
-        dropped = _count_topics(poisoned)
-        duplicates = 0
-        for topic, count in valid.items():
-            m.inserted.labels(topic).inc(inserted.get(topic, 0))
-            dups = count - inserted.get(topic, 0) - dropped.get(topic, 0)
-            if dups > 0:
-                m.duplicates.labels(topic).inc(dups)
-                duplicates += dups
-        reasons: dict[str, int] = {}
-        for reject in batch.rejects:
-            reasons[reject.reason.code] = reasons.get(reject.reason.code, 0) + 1
-        for reason, count in reasons.items():
-            m.dead_letters.labels(reason).inc(count)
-        for problems in filter(None, map(_VALIDATION_ERROR, landed)):
-            for slug in _METER_SLUG.findall(problems):
-                m.meter_invalid.labels(slug).inc()
-        m.batches.inc()
-        m.batch_rows.observe(batch.records)
-        m.batch_bytes.observe(batch.nbytes)
-        m.flush_seconds.observe(seconds)
-        if landed:
-            newest = max(map(_TIMESTAMP_MS, landed))
-            m.end_to_end.observe(max(0.0, (now_ms - newest) / 1000))
-        for (topic, partition), offsets in batch.ranges.items():
-            m.landed_offset.labels(topic, str(partition)).set(offsets.last)
-        self._last_landed = time.monotonic()
-        self._last_flush = {
-            "at": time.time(),
-            "records": batch.records,
-            "inserted": len(landed),
-            "duplicates": duplicates,
-            "dead_letters": len(batch.rejects) + len(poisoned),
-            "seconds": round(seconds, 4),
-        }
-        self.log.info("batch landed", ranges=_ranges(batch), **self._last_flush)
 
     async def _lag_loop(self) -> None:
         while True:
@@ -918,45 +855,12 @@ class Worker:
                     done = max(done, await asyncio.wait_for(self.consumer.position(ktp), 1))
             if tp not in self.assignments.epochs:
                 continue
-            lag = max(0, high - done)
-            self._lag[tp] = lag
-            self.metrics.lag.labels(tp[0], str(tp[1])).set(lag)
-        if sum(self._lag.values()) == 0:
-            self._lagging_since = None
-        elif self._lagging_since is None:
-            self._lagging_since = time.monotonic()
-
-    def _dependency_ok(self, name: str) -> None:
-        state = self._dependencies[name]
-        if not state.up:
-            self._dependencies[name] = DependencyState(up=True)
-        self.metrics.up.labels(name).set(1)
-
-    def _dependency_failed(self, name: str, exc: BaseException) -> None:
-        state = self._dependencies[name]
-        if state.up:
-            self._dependencies[name] = DependencyState(up=False, error=str(exc)[:300])
-        else:
-            state.error = str(exc)[:300]
-        self.metrics.up.labels(name).set(0)
-        self._errors.append({"at": time.time(), "dependency": name, "error": str(exc)[:300]})
+            self.vitals.measured_lag(tp, max(0, high - done))
+        self.vitals.lag_measured()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        now = time.monotonic()
-        grace = self.config.http.ready_dependency_grace
-        down = [n for n, s in self._dependencies.items() if not s.up and now - s.since > grace]
-        lagging = sum(self._lag.values())
-        since = self._lagging_since
-        stalled = (
-            lagging > 0
-            and since is not None
-            and now - max(self._last_landed, since) > self.config.http.ready_stall_after
-        )
-        return not down and not stalled, {
-            "dependencies_down": down,
-            "stalled": stalled,
-            "lag": lagging,
-        }
+        http = self.config.http
+        return self.vitals.readiness(http.ready_dependency_grace, http.ready_stall_after)
 
     def status(self) -> dict[str, Any]:
         rows, nbytes = self._in_flight()
@@ -966,7 +870,7 @@ class Worker:
                 "partition": p,
                 "epoch": epoch,
                 "landed_offset": self.assignments.landed.get((t, p)),
-                "lag": self._lag.get((t, p)),
+                "lag": self.vitals.lag.get((t, p)),
                 "paused": (t, p) in self._paused,
                 "positioning": (t, p) in self.assignments.pending,
             }
@@ -977,16 +881,9 @@ class Worker:
             "state": "stopping" if self._stopping else "running",
             "partitions": partitions,
             "in_flight": {"rows": rows, "bytes": nbytes},
-            "last_flush": self._last_flush,
-            "dependencies": {
-                n: {
-                    "up": s.up,
-                    "since_seconds": round(time.monotonic() - s.since, 1),
-                    "error": s.error,
-                }
-                for n, s in self._dependencies.items()
-            },
-            "recent_errors": list(self._errors),
+            "last_flush": self.vitals.last_flush,
+            "dependencies": self.vitals.dependency_report(),
+            "recent_errors": list(self.vitals.errors),
         }
 
 
@@ -1025,10 +922,6 @@ def highwater(consumer: Any, tp: KafkaTP) -> int | None:
 def _rfc3339(ms: int) -> str:
     seconds, millis = divmod(ms, 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
-
-
-def _count_topics(items: Sequence[Item]) -> dict[str, int]:
-    return Counter(map(TOPIC_OF, items))
 
 
 def _jitter(delay: float) -> float:
