@@ -427,10 +427,17 @@ async def test_readiness_fails_while_redis_is_down_and_recovers_with_it(
         # Ready fails after the 3 s grace, not at the first failed call.
         assert time.monotonic() - started >= 3
         assert ready["stalled"] is False  # ready_stall_after (60 s) has not passed
-        await asyncio.sleep(2.5)
-        again = Scrape.of(port)
-        retries = [m.value("sink_retries_total", dependency="redis") or 0 for m in (first, again)]
-        assert retries[1] > retries[0], "the worker keeps retrying with backoff"
+        before = first.value("sink_retries_total", dependency="redis") or 0
+
+        def retried_again() -> Scrape:
+            again = Scrape.of(port)
+            retries = again.value("sink_retries_total", dependency="redis") or 0
+            assert retries > before, "the worker keeps retrying with backoff"
+            return again
+
+        # The backoff doubles from retry_initial (0.2 s) with up to 1.5x jitter, so the next
+        # retry may be seconds away; up to retry_max (10 s) and its jitter it must come.
+        again = await eventually(retried_again, timeout=20)
         assert again.value("sink_batches_total") == first.value("sink_batches_total")
     finally:
         await asyncio.to_thread(_stack, services, "up", "redis")
