@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from sink.batch import Item, as_item
 from sink.clickhouse import (
     EVENT_COLUMNS,
     OFFSET_COLUMNS,
+    ClickHouse,
     Schema,
     ServerFeatures,
     event_columns,
@@ -258,3 +261,21 @@ def test_string_column_is_the_native_encoding(values: list[str]) -> None:
 def test_string_column_refuses_what_utf8_cannot_hold() -> None:
     with pytest.raises(UnicodeEncodeError):
         string_column(["ok", "\ud800", "ok"])
+
+
+@pytest.mark.parametrize(
+    ("url", "timeout"),
+    [
+        ("clickhouse://default:@localhost:9000/metering", None),
+        ("clickhouse://default:@localhost:9000/metering?send_receive_timeout=7", 7.0),
+    ],
+)
+def test_driver_reads_and_writes_without_a_timeout_of_their_own(
+    url: str, timeout: float | None
+) -> None:
+    """Each query is bounded as a whole (query_timeout); the driver adds none per read or
+    write unless the URL asks for one. (Building the driver's connection does not connect.)"""
+    ch = ClickHouse(url, connect_timeout=5, query_timeout=60)
+    conn = asyncio.run(ch._connection())
+    assert conn.send_receive_timeout == timeout
+    assert conn.connect_timeout == 5
