@@ -3,8 +3,8 @@
 `python -m benchmarks.stages` takes generated records (the workload of `benchmarks.run`), and
 does to them what the worker does between a fetch and an insert, timing each step:
 
-- per fetch (at most 500 records of one partition, as the poll loop gets them): decode each
-  record into a row, and group the rows by identity for dedup;
+- per fetch (at most `FETCH_RECORDS` records of one partition, as the poll loop gets them):
+  decode each record into a row, and group the rows by identity for dedup;
 - per batch (`batch.max_rows` records): frame the claim's Redis commands, keep the rows that
   hold their marker (the markers live in a dict here), build the insert block's columns
   (`event_columns`, then every String column framed as the insert sends it) and do the landed
@@ -41,8 +41,9 @@ from sink.clickhouse import event_columns, string_column
 from sink.config import BatchConfig, EventsConfig
 from sink.decode import Event, decode
 from sink.vitals import count_topics
+from sink.worker import FETCH_RECORDS
 
-FETCH = 500
+FETCH = FETCH_RECORDS
 """Records per poll, as the worker asks aiokafka for (`max_records`)."""
 TIME_DIVISOR = 1000
 """DateTime seconds, as on ClickHouse 18.16."""

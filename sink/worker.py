@@ -53,6 +53,12 @@ from sink.vitals import Vitals
 T = TypeVar("T")
 log = structlog.get_logger("sink.worker")
 
+FETCH_RECORDS = 100
+"""Records the poll loop takes from aiokafka at a time. The loop yields after each take, and
+every await of the flusher (a claim's replies, each step of an insert) waits for the take in
+progress: 500 at a time, about 8 ms of decoding, made a 25,000-row insert take turns of the
+event loop long enough to hold the poll loop back."""
+
 
 class Abandoned(Exception):
     """The batch lost every partition it held while waiting; nothing of it may be inserted."""
@@ -275,7 +281,7 @@ class Worker:
                 continue
             try:
                 fetched = await self.consumer.getmany(
-                    timeout_ms=100, max_records=min(500, self.triggers.max_rows)
+                    timeout_ms=100, max_records=min(FETCH_RECORDS, self.triggers.max_rows)
                 )
                 delay = self.config.worker.retry_initial
                 self.vitals.ok("kafka")
