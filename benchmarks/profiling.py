@@ -43,7 +43,8 @@ LEAF_RULES: list[tuple[str, Any]] = [
     ("Kafka fetch + record parsing (aiokafka consumer)", lambda f, fn: "/aiokafka/" in f),
     ("worker: batching, bookkeeping (worker/batch/offsets)", lambda f, fn: any(
         f.endswith(m) for m in ("sink/worker.py", "sink/batch.py", "sink/offsets.py",
-                                "sink/consumer.py"))),
+                                "sink/consumer.py", "sink/landing.py", "sink/fencing.py",
+                                "sink/positioning.py", "sink/retry.py"))),
 ]  # fmt: skip
 EVENT_LOOP = "event loop: uvloop's C code (polling, socket reads/writes; shows as Runner.run)"
 

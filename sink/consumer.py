@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.consumer import fetcher
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 
-from sink.batch import Reject
+from sink.batch import Item, Reject
 from sink.config import Config, KafkaConfig
 from sink.errors import KafkaUnavailable
 
@@ -83,6 +85,32 @@ def full_record(topic: str, partition: int, record: Any) -> ConsumerRecord[bytes
         len(value) if value is not None else -1,
         tuple(record.headers),
     )
+
+
+class RebuiltRecord:
+    """Stands in for a consumer record when an event must be dead-lettered after it was
+    decoded (ClickHouse refused its row): the value is the event rebuilt as CloudEvents JSON."""
+
+    def __init__(self, item: Item) -> None:
+        self.topic, self.partition, self.offset = item.topic, item.partition, item.offset
+        self.key = item.subject.encode()
+        self.headers: list[tuple[str, bytes]] = [("sink.rebuilt", b"1")]
+        self.value = orjson.dumps(
+            {
+                "specversion": "1.0",
+                "id": item.id,
+                "source": item.source,
+                "type": item.type,
+                "subject": item.subject,
+                "time": _rfc3339(item.time_ms),
+                "data": orjson.Fragment(item.data),
+            }
+        )
+
+
+def _rfc3339(ms: int) -> str:
+    seconds, millis = divmod(ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 def make_consumer(config: Config) -> AIOKafkaConsumer:

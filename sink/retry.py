@@ -1,0 +1,93 @@
+"""Retrying a step of the commit order until its dependency answers.
+
+A failed dependency never loses the batch: the step is tried again with exponential backoff and
+jitter, while the poll loop pauses the partitions (it reads `blocked`). The wait ends early only
+when every partition of the batch has moved to another worker, which replays it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from sink.batch import Batch
+from sink.errors import DependencyError
+from sink.fencing import Abandoned
+from sink.metrics import Metrics
+from sink.vitals import Vitals
+
+T = TypeVar("T")
+
+
+def jitter(delay: float) -> float:
+    """`delay` spread over half to one and a half times itself, so retries do not march."""
+    return delay * (0.5 + random.random())
+
+
+class Retry:
+    def __init__(
+        self,
+        initial: float,
+        maximum: float,
+        *,
+        abandoned: Callable[[Batch], bool],
+        vitals: Vitals,
+        metrics: Metrics,
+        log: Any,
+    ) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.abandoned = abandoned
+        self.vitals = vitals
+        self.metrics = metrics
+        self.log = log
+        self.blocked: list[str] = []
+        """Dependencies that retry loops are waiting for (one entry per waiting loop)."""
+
+    async def __call__(
+        self, op: Callable[[], Awaitable[T]], batch: Batch, give_up: bool = False
+    ) -> T:
+        """`op`'s result, once it stops raising DependencyError. With `give_up`, the first
+        such error is raised instead; Abandoned when the batch's partitions all moved away."""
+        delay = self.initial
+        attempt = 0
+        failed = ""
+        blocked: str | None = None  # entered in self.blocked while this loop waits
+        try:
+            while True:
+                try:
+                    result = await op()
+                except DependencyError as exc:
+                    attempt += 1
+                    failed = exc.dependency
+                    self.vitals.failed(exc.dependency, exc)
+                    self.metrics.retries.labels(exc.dependency, type(exc).__name__).inc()
+                    if give_up:
+                        raise
+                    if blocked is None:
+                        blocked = exc.dependency
+                        self.blocked.append(blocked)
+                    await self._back_off(exc, attempt, delay)
+                    delay = min(delay * 2, self.maximum)
+                    if self.abandoned(batch):
+                        raise Abandoned from exc
+                    continue
+                if attempt:
+                    self.vitals.ok(failed)
+                    self.log.info("dependency recovered", dependency=failed, attempts=attempt)
+                return result
+        finally:
+            if blocked is not None:
+                self.blocked.remove(blocked)
+
+    async def _back_off(self, exc: DependencyError, attempt: int, delay: float) -> None:
+        if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8 ...: no log flood
+            self.log.warning(
+                "dependency failed, retrying",
+                dependency=exc.dependency,
+                attempt=attempt,
+                error=str(exc)[:300],
+            )
+        await asyncio.sleep(jitter(delay))
