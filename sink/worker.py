@@ -126,6 +126,8 @@ class Worker:
         """Since when max_in_flight rows have been held (None while there is room)."""
         self._paused: set[TopicPartition] = set()
         self._stopping = False
+        self._consumed: dict[str, Any] = {}
+        """The records-consumed counter of each topic seen."""
 
     # ---------------------------------------------------------------- rebalance listener
 
@@ -287,7 +289,10 @@ class Worker:
             if grouping is None:
                 grouping = batch.grouping = dedup.Grouping(self.key_prefix, self.topics.key)
             grouping.add(items[grouping.added :])
-        self.metrics.consumed.labels(topic).inc(len(records))
+        consumed = self._consumed.get(topic)
+        if consumed is None:  # labels() takes a lock and builds a key: once per topic
+            consumed = self._consumed[topic] = self.metrics.consumed.labels(topic)
+        consumed.inc(len(records))
 
     def _maybe_seal(self) -> None:
         if due(self._open, self.triggers, time.monotonic()):
@@ -338,6 +343,10 @@ class Worker:
         self.metrics.in_flight_bytes.set(nbytes)
         full = rows >= self.config.batch.max_in_flight and self._waited_too_long(time.monotonic())
         hold = full or bool(self.retry.blocked)
+        if not (hold or self.assignments.pending or self._paused):
+            # The usual case, once per fetch: nothing is paused and nothing should be.
+            self.metrics.paused.set(0)
+            return
         # Only partitions aiokafka still holds: a deleted topic leaves its assignment before
         # the rebalance listener tells the worker, and pausing it then would raise.
         held = set(self.assignments.epochs) & {
