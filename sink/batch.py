@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 from sink.decode import Event, Rejection
 
 TopicPartition = tuple[str, int]
+Coordinates = tuple[str, int, int]
+"""A record's place: topic, partition, offset."""
 
 
 Item = Event

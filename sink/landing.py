@@ -14,7 +14,15 @@ from typing import Any
 
 from sink import decode as decoding
 from sink import dedup
-from sink.batch import Batch, Item, Reject, TopicPartition, pending_ranges, span
+from sink.batch import (
+    Batch,
+    Coordinates,
+    Item,
+    Reject,
+    TopicPartition,
+    pending_ranges,
+    span,
+)
 from sink.clickhouse import EVENT_COLUMNS, ClickHouse, InsertWithdrawn, OffsetStore, event_columns
 from sink.config import Config
 from sink.consumer import DeadLetters, RebuiltRecord
@@ -24,8 +32,6 @@ from sink.metrics import Metrics
 from sink.retry import Retry
 from sink.topics import TopicKeys
 from sink.vitals import Vitals
-
-Coordinates = tuple[str, int, int]
 
 
 def describe(batch: Batch) -> list[str]:

@@ -15,14 +15,12 @@ from typing import Any
 from aiokafka import TopicPartition as KafkaTP
 
 from sink import dedup
-from sink.batch import TopicPartition
+from sink.batch import Coordinates, TopicPartition
 from sink.clickhouse import OffsetStore
 from sink.config import Config
 from sink.metrics import Metrics
 from sink.offsets import Assignments
 from sink.topics import TopicKeys, topic_ids
-
-Coordinates = tuple[str, int, int]
 
 
 def names(tps: Sequence[TopicPartition] | set[TopicPartition]) -> list[str]:
