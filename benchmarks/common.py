@@ -25,6 +25,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 REPORT = ROOT / "benchmarks" / "report"
 
 
+def shown(path: Path) -> str:
+    """A path as the results name it: from the project's root when it is inside, so that a
+    published report holds no path of the machine it ran on."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 

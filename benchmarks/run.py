@@ -43,6 +43,7 @@ from benchmarks.common import (
     log,
     python,
     server_version,
+    shown,
     summary,
 )
 from benchmarks.contenders import PREFIX
@@ -120,7 +121,7 @@ async def run_contender(
         except TimeoutError:
             proc.kill()
             await proc.wait()
-            return {"error": f"timeout after {limit_s:.0f}s", "log": str(log_path)}
+            return {"error": f"timeout after {limit_s:.0f}s", "log": shown(log_path)}
         finally:
             await monitor.stop()
     for line in out.decode(errors="replace").splitlines():
@@ -132,7 +133,7 @@ async def run_contender(
                 result["peak_rss_single"] = monitor.peak_rss_single
             return result
     tail = log_path.read_text(errors="replace").splitlines()[-5:]
-    return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "log": str(log_path)}
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail), "log": shown(log_path)}
 
 
 def headline(name: str, result: dict[str, Any]) -> str:

@@ -35,6 +35,7 @@ from benchmarks.common import (
     log,
     python,
     quantile,
+    shown,
 )
 from benchmarks.workload import Loaded, Spec
 
@@ -218,7 +219,7 @@ async def run_sink(
         result["exact"] = await exactness(services, res.database, loaded, res.dlq)
     finally:
         await res.cleanup(services)
-    result["log"] = str(log_path)
+    result["log"] = shown(log_path)
     result["batches"] = batches_from_log(log_path)
     return result
 
