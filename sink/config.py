@@ -126,6 +126,11 @@ class DedupConfig(_Section):
     key_prefix: str = "sink:dedup:"
     socket_timeout: Duration = 5.0
 
+    @property
+    def prefix(self) -> bytes:
+        """`key_prefix` as the store's keys begin."""
+        return self.key_prefix.encode()
+
 
 class ClickHouseConfig(_Section):
     url: SecretStr = SecretStr("clickhouse://default:@localhost:9000/default")

@@ -68,7 +68,7 @@ class Landing:
         self.metrics = metrics
         self.vitals = vitals
         self.log = log
-        self.key_prefix = config.dedup.key_prefix.encode()
+        self.key_prefix = config.dedup.prefix
         # The server gives up on an INSERT whose client stopped sending for this long, so a
         # frozen worker's half-sent insert ends well before the group can hand its partitions
         # to another worker. Servers 20.x+ read the client's send_timeout as their receive

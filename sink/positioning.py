@@ -52,7 +52,7 @@ class Positioning:
         self.start_over = start_over
         """Treats held partitions as newly assigned: what is held of them is dropped."""
         self.log = log
-        self.key_prefix = config.dedup.key_prefix.encode()
+        self.key_prefix = config.dedup.prefix
         self._next_fetch: dict[TopicPartition, int] = {}
         """Offset each partition's next record should have: a smaller one means the log
         was reset under us (a topic deleted and created again)."""

@@ -70,7 +70,7 @@ class Worker:
         )
         self.namespaces = Namespaces(config.kafka.topics_regex, config.events.namespace_header)
         self.meter_check = MeterIndex(config.meters).check if config.meters else None
-        self.key_prefix = config.dedup.key_prefix.encode()
+        self.key_prefix = config.dedup.prefix
         self.assignments = Assignments()
         self.log = log
         self.vitals = Vitals(metrics)
