@@ -274,8 +274,9 @@ _WIDE = 2.0**63
 
 
 def flat_first(data: dict[str, Any]) -> dict[str, Any]:
-    """Top-level scalars before nested objects: ClickHouse 18.16's visitParam functions take
-    the first `"name":` anywhere in the text, so a top-level property must come first."""
+    """Top-level scalars before objects and arrays: without JSONExtract (ClickHouse 18.16) a
+    meter reads a property by stepping over whole scalar members from the start of the text
+    (`meters.member_pattern`), so a top-level scalar after a container could not be read."""
     return _inspect(data)[0]
 
 

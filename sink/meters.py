@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -152,6 +152,59 @@ def _is_number(value: Any) -> bool:
     return math.isfinite(value)
 
 
+# Without JSONExtract (ClickHouse < 20.1) a property is read with re2. In its syntax: a JSON
+# string, a bare scalar (number, true, false, null) and a member whose value is either.
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_BARE = r'[^",{}\[\]]+'
+_SCALAR_MEMBER = f"{_STRING}:(?:{_STRING}|{_BARE})"
+
+
+def json_key(name: str) -> str:
+    """A property name as the worker's serialiser writes it between the quotes of a key."""
+    return orjson.dumps(name).decode()[1:-1]
+
+
+def member_pattern(name: str) -> str:
+    """An re2 pattern whose group is the top-level member `"name":value` of a stored `data`
+    text with the `,` or `}` that ends it, when the value is a scalar; no match otherwise.
+
+    Depth one by construction: from the opening brace the prefix consumes whole scalar members
+    only, so the match never starts inside an object, an array or a string, and a nested or
+    quoted `"name":` is never read. The worker writes top-level scalars before any object or
+    array (`decode.flat_first`), so every top-level scalar is reachable. The group keeps the
+    character that ends the member because 18.16's `visitParamExtractRaw` crashes the server
+    on a value that ends its input."""
+    key = re.escape(f'"{json_key(name)}":')
+    return rf"^\{{(?:{_SCALAR_MEMBER},)*({key}(?:{_STRING}|{_BARE})[,}}])"
+
+
+class _Member(NamedTuple):
+    """SQL that reads one property's member of `data` (`member_pattern`; '' when there is none).
+    `defined` is the extraction under an alias, for an expression's first use; `alias` names it
+    for the others. Expressions that each define it define one alias of one expression, which
+    ClickHouse computes once."""
+
+    defined: str
+    alias: str
+    key: str
+    """The JSON key as an SQL literal: `visitParamExtract*(member, key)` reads the member."""
+    start: int
+    """Where the value begins in the member (bytes, from 1)."""
+
+    def value(self, first: bool) -> str:
+        """The value's JSON text, exactly as the worker wrote it ('' when there is none). Not
+        `visitParamExtractRaw`: on 18.16 it returns '' for a string that ends in a backslash."""
+        member = self.defined if first else self.alias
+        return f"substring({member}, {self.start}, length({self.alias}) - {self.start})"
+
+
+def _member(name: str) -> _Member:
+    key = json_key(name)
+    alias = "`member:" + key.replace("\\", "\\\\").replace("`", "\\`") + "`"
+    defined = f"(extract(data, {quote(member_pattern(name))}) AS {alias})"
+    return _Member(defined, alias, quote(key), len(f'"{key}":'.encode()) + 1)
+
+
 class MeterSQL:
     """SQL of one meter for one server: the table, the view, the backfill and the merge."""
 
@@ -191,12 +244,13 @@ class MeterSQL:
     def _number(self, where: tuple[str, ...]) -> str:
         if self.features.json_extract:
             return f"JSONExtractFloat(data, {self._args(where)})"
-        return f"visitParamExtractFloat(data, {quote(where[0])})"
+        member = _member(where[0])
+        return f"visitParamExtractFloat({member.defined}, {member.key})"
 
     def _raw(self, where: tuple[str, ...]) -> str:
         if self.features.json_extract:
             return f"JSONExtractRaw(data, {self._args(where)})"
-        return f"visitParamExtractRaw(data, {quote(where[0])})"
+        return _member(where[0]).value(first=True)
 
     def _group(self, where: tuple[str, ...]) -> str:
         if self.features.json_extract:
@@ -205,17 +259,18 @@ class MeterSQL:
                 f"if(JSONType(data, {args}) = 'String', JSONExtractString(data, {args}), "
                 f"if(JSONType(data, {args}) = 'Null', '', JSONExtractRaw(data, {args})))"
             )
-        key = quote(where[0])
+        member = _member(where[0])
+        raw = member.value(first=False)
         return (
-            f"if(substring(visitParamExtractRaw(data, {key}), 1, 1) = '\"', "
-            f"visitParamExtractString(data, {key}), "
-            f"if(visitParamExtractRaw(data, {key}) = 'null', '', "
-            f"visitParamExtractRaw(data, {key})))"
+            f"if(substring({member.defined}, {member.start}, 1) = '\"', "
+            f"visitParamExtractString({member.alias}, {member.key}), "
+            f"if({raw} = 'null', '', {raw}))"
         )
 
     def _readable(self) -> str:
         """SQL twin of `MeterIndex.check`: rows stored before the meter existed were never
-        checked for it, so the view and the backfill test the value themselves too."""
+        checked for it, so the view and the backfill test the value themselves too. Without
+        JSONExtract an object or array value reads as '' (`member_pattern`), that is missing."""
         if self.meter.aggregation == "COUNT":
             return "1"
         assert self.meter.value_property
@@ -229,7 +284,7 @@ class MeterSQL:
         raw = self._raw(where)
         if numeric:
             return f"match({raw}, '^-?[0-9]')"
-        return f"{raw} NOT IN ('', 'null') AND NOT match({raw}, '^[\\\\[{{]')"
+        return f"{raw} NOT IN ('', 'null')"
 
     def _time_type(self) -> str:
         return "DateTime64(3, 'UTC')" if self.features.datetime64 else "DateTime('UTC')"
