@@ -13,11 +13,12 @@ import structlog
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
+from sink.backfill import Progress
 from sink.clickhouse import ClickHouse, ServerFeatures, quote
 from sink.config import Config
 from sink.consumer import DeadLetters, ensure_topic, make_consumer, make_producer, security
 from sink.dedup import RedisDedup
-from sink.errors import ClickHouseUnavailable, DependencyError, KafkaUnavailable
+from sink.errors import ClickHouseUnavailable, DependencyError, KafkaUnavailable, SinkError
 from sink.health import HealthServer, Starting
 from sink.metrics import Metrics
 from sink.migrations import Migrator, Plan
@@ -38,23 +39,55 @@ def clickhouse(config: Config) -> ClickHouse:
 
 
 def migrator(config: Config, ch: ClickHouse, features: ServerFeatures) -> Migrator:
+    m = config.migrations
     return Migrator(
         ch,
         features,
         config.clickhouse.events_table,
         config.clickhouse.offsets_table,
         config.meters,
+        connect=lambda: clickhouse(config),
         owner=config.worker.id,
+        lease_timeout=m.lease_timeout,
+        piece_rows=m.backfill_piece_rows,
     )
 
 
-async def migrate(config: Config, drop_removed: bool = False) -> list[str]:
-    """Bring the ClickHouse schema and meters up to date; create the dead-letter topic."""
+async def migrate(
+    config: Config,
+    drop_removed: bool = False,
+    report: Callable[[Progress], None] | None = None,
+) -> list[str]:
+    """Bring the ClickHouse schema and meters up to date, backfills included; create the
+    dead-letter topic."""
     ch = clickhouse(config)
     try:
-        done = await migrator(config, ch, await ch.features()).run(drop_removed)
+        m = migrator(config, ch, await ch.features())
+        if report is not None:
+            m.report = report
+        done = await m.run(drop_removed)
     finally:
         await ch.close()
+    await _dead_letter_topic(config)
+    return done or []
+
+
+async def prepare(config: Config) -> None:
+    """What a worker needs before it consumes: the raw and offset tables, the dead-letter
+    topic. Meters are backfilled beside the work (`MeterKeeper`)."""
+    ch = clickhouse(config)
+    try:
+        features = await ch.features()
+        await migrator(config, ch, features).run(core_only=True)
+        # New meters' views before the first row, when no other migrator is busy (a running
+        # backfill is not waited for: the worker's `MeterKeeper` comes back to them).
+        await migrator(config, ch, features).run(wait=False, backfill=False)
+    finally:
+        await ch.close()
+    await _dead_letter_topic(config)
+
+
+async def _dead_letter_topic(config: Config) -> None:
     if config.dlq.create:
         try:
             await ensure_topic(
@@ -62,7 +95,60 @@ async def migrate(config: Config, drop_removed: bool = False) -> list[str]:
             )
         except KafkaError as exc:
             raise KafkaUnavailable(f"cannot create dead-letter topic: {exc}") from exc
-    return done
+
+
+class MeterKeeper:
+    """Makes configured meters live and backfills them while the worker runs: every
+    `check_interval` it takes the migration lease if no live process holds it and does what
+    is missing, so a backfill whose migrator died is resumed by a running worker."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.backfills: dict[str, Progress] = {}
+        self.complete = False
+
+    def _report(self, progress: Progress) -> None:
+        self.backfills[progress.meter] = progress
+        self.metrics.backfill_done.labels(progress.meter).set(progress.rows_done)
+        self.metrics.backfill_total.labels(progress.meter).set(progress.rows_total)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set() and not self.complete:
+            ch = clickhouse(self.config)
+            try:
+                m = migrator(self.config, ch, await ch.features())
+                m.report = self._report
+                self.complete = await m.run(wait=False) is not None
+            except SinkError as exc:
+                log.warning("meters not brought up to date, retrying", error=str(exc)[:300])
+            finally:
+                await ch.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.migrations.check_interval)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "complete": self.complete,
+            "backfills": {slug: p.as_dict() for slug, p in self.backfills.items()},
+        }
+
+
+class _Status:
+    """The worker's status with the meters' migration state beside it."""
+
+    def __init__(self, worker: Worker, keeper: MeterKeeper | None) -> None:
+        self.worker = worker
+        self.keeper = keeper
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        return self.worker.readiness()
+
+    def status(self) -> dict[str, Any]:
+        status = self.worker.status()
+        if self.keeper is not None:
+            status["meters"] = self.keeper.status()
+        return status
 
 
 async def plan(config: Config, drop_removed: bool = False) -> Plan:
@@ -136,8 +222,10 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
     reader, inserter = clickhouse(config), clickhouse(config)
     features: ServerFeatures = await _until_up("clickhouse", reader.features, stop, config)
     log.info("clickhouse", version=".".join(map(str, features.version)))
+    keeper = None
     if config.worker.migrate_on_start:
-        await _until_up("clickhouse", lambda: migrate(config), stop, config)
+        await _until_up("clickhouse", lambda: prepare(config), stop, config)
+        keeper = MeterKeeper(config, metrics)
     divisor = await _until_up(
         "clickhouse", lambda: time_divisor(reader, config.clickhouse.events_table), stop, config
     )
@@ -159,13 +247,14 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
         time_divisor=divisor,
         metrics=metrics,
     )
-    http.target = worker
+    http.target = _Status(worker, keeper)
     try:
         await _until_up("kafka", producer.start, stop, config)
         await _until_up("kafka", consumer.start, stop, config)
         listener = _Listener(worker)
         _tune_gc()
         collector = asyncio.create_task(_collect_garbage(), name="gc")
+        meters = asyncio.create_task(keeper.run(stop), name="meters") if keeper else None
         try:
             if config.kafka.topics:
                 consumer.subscribe(topics=list(config.kafka.topics), listener=listener)
@@ -174,6 +263,10 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
             await worker.run(stop)
         finally:
             collector.cancel()
+            if meters is not None:
+                meters.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await meters
             gc.enable()
     finally:
         # Leaving the group can meet a rebalance (whose revoke may wait up to the drain
@@ -229,14 +322,17 @@ async def time_divisor(ch: ClickHouse, events_table: str) -> int:
     return 1 if str(rows[0][0]).startswith("DateTime64") else 1000
 
 
-async def check(config: Config) -> dict[str, str | None]:
-    """Reach every dependency once; the error text per dependency, None where it answered."""
+async def check(config: Config) -> tuple[dict[str, str | None], list[str]]:
+    """Reach every dependency once: the error text per dependency, None where it answered;
+    and the migration lease and unfinished backfills, as lines."""
     results: dict[str, str | None] = {}
+    migrations: list[str] = []
     ch = clickhouse(config)
     try:
         features = await ch.features()
         results["clickhouse"] = None
         log.info("clickhouse ok", version=".".join(map(str, features.version)))
+        migrations = await migrator(config, ch, features).describe()
     except DependencyError as exc:
         results["clickhouse"] = str(exc)
     finally:
@@ -251,7 +347,7 @@ async def check(config: Config) -> dict[str, str | None]:
         finally:
             await store.close()
     results["kafka"] = await _check_kafka(config)
-    return results
+    return results, migrations
 
 
 async def _check_kafka(config: Config) -> str | None:

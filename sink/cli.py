@@ -13,7 +13,10 @@ from collections.abc import Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
-from sink import __version__, app, config, usage
+import structlog
+from tqdm import tqdm
+
+from sink import __version__, app, backfill, config, usage
 from sink.errors import SinkError
 from sink.logs import configure
 
@@ -118,7 +121,8 @@ def _event_loop(coro: Coroutine[Any, Any, Any], use_uvloop: bool) -> Any:
 
 def _migrate(cfg: config.Config, dry_run: bool, drop_removed: bool) -> int:
     if not dry_run:
-        done = _event_loop(app.migrate(cfg, drop_removed), False)
+        with _BackfillProgress() as progress:
+            done = _event_loop(app.migrate(cfg, drop_removed, progress.update), False)
         print("\n".join(f"applied {v}" for v in done) or "nothing to do: schema is up to date")
         return 0
     plan = _event_loop(app.plan(cfg, drop_removed), False)
@@ -133,6 +137,45 @@ def _migrate(cfg: config.Config, dry_run: bool, drop_removed: bool) -> int:
     if not (plan.apply or plan.dropped):
         print("-- nothing to do: schema is up to date")
     return 0
+
+
+class _BackfillProgress:
+    """A backfill's progress: a bar per meter on a terminal, a log line per step otherwise."""
+
+    def __init__(self) -> None:
+        self.terminal = sys.stderr.isatty()
+        self.bars: dict[str, tqdm[Any]] = {}
+
+    def __enter__(self) -> _BackfillProgress:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+    def update(self, p: backfill.Progress) -> None:
+        if not self.terminal:
+            eta = p.eta()
+            structlog.get_logger("sink.backfill").info(
+                "backfill progress",
+                meter=p.meter,
+                rows=f"{p.rows_done} of {p.rows_total}",
+                months=f"{p.months_done} of {p.months_total}",
+                eta_seconds=None if eta is None else round(eta),
+            )
+            return
+        bar = self.bars.get(p.meter)
+        if bar is None:
+            bar = self.bars[p.meter] = tqdm(
+                total=p.rows_total,
+                initial=p.rows_done,
+                unit=" rows",
+                unit_scale=True,
+                desc=f"backfill {p.meter}",
+                file=sys.stderr,
+            )
+        bar.set_postfix_str(f"months {p.months_done}/{p.months_total}")
+        bar.update(p.rows_done - bar.n)
 
 
 def _usage(cfg: config.Config, args: argparse.Namespace) -> int:
@@ -170,10 +213,12 @@ def _usage(cfg: config.Config, args: argparse.Namespace) -> int:
 
 
 def _check(cfg: config.Config) -> int:
-    results = _event_loop(app.check(cfg), False)
+    results, migrations = _event_loop(app.check(cfg), False)
     print("configuration: ok")
     for name, error in results.items():
         print(f"{name}: {'ok' if error is None else 'FAILED: ' + error}")
+    for line in migrations:
+        print(line)
     return 0 if all(error is None for error in results.values()) else 1
 
 

@@ -184,8 +184,8 @@ class ClickHouse:
         rows: list[tuple[Any, ...]] = await self._run(sql)
         return rows
 
-    async def execute(self, sql: str) -> None:
-        await self._run(sql)
+    async def execute(self, sql: str, settings: Mapping[str, Any] | None = None) -> None:
+        await self._run(sql, settings=dict(settings) if settings else None)
 
     async def insert_columns(
         self,

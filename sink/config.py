@@ -202,6 +202,15 @@ class WorkerConfig(_Section):
     use_uvloop: bool = True
 
 
+class MigrationsConfig(_Section):
+    lease_timeout: Duration = Field(default=10.0, ge=3.0)
+    """A migrator that has not renewed its lease for this long is taken over."""
+    backfill_piece_rows: int = Field(default=1_000_000, ge=1000)
+    """Raw rows a backfill aggregates in one query at most: its memory bound."""
+    check_interval: Duration = 30.0
+    """How often a running worker looks for a meter to make live or a backfill to resume."""
+
+
 class Config(_Section):
     meters: tuple[Meter, ...] = ()
     """Meters declared inline; `meters_file` may name a YAML file with more."""
@@ -214,6 +223,7 @@ class Config(_Section):
     dlq: DlqConfig = Field(default_factory=DlqConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    migrations: MigrationsConfig = Field(default_factory=MigrationsConfig)
 
     @property
     def dlq_topic(self) -> str:

@@ -316,18 +316,27 @@ class MeterSQL:
     def group_columns(self) -> list[str]:
         return [f"group_{name}" for name in self.meter.group_by]
 
-    def create_table(self) -> str:
+    def create_table(self, table: str | None = None) -> str:
+        """The meter's table (or a staging table of the same shape, for `table`). `_origin` is
+        0 for rows the view writes and 1 for the backfill's, and it is part of the partition
+        key, so the backfill can swap its own partitions without touching the view's rows."""
         groups = "".join(f"    `{c}` String,\n" for c in self.group_columns)
         order = ", ".join(["namespace", "subject", "window_start", *self.group_columns])
         return (
-            f"CREATE TABLE IF NOT EXISTS {self.table} (\n"
+            f"CREATE TABLE IF NOT EXISTS {table or self.table} (\n"
             f"    namespace String,\n    subject String,\n    window_start DateTime('UTC'),\n"
-            f"{groups}    value {self._state_type()}\n"
-            f") ENGINE = AggregatingMergeTree()\nPARTITION BY toYYYYMM(window_start)\n"
-            f"ORDER BY ({order})"
+            f"{groups}    value {self._state_type()},\n    _origin UInt32\n"
+            f") ENGINE = AggregatingMergeTree()\n"
+            f"PARTITION BY (toYYYYMM(window_start), _origin)\nORDER BY ({order})"
         )
 
-    def _select(self, stored: str) -> str:
+    @property
+    def columns(self) -> str:
+        """The table's columns in order, for INSERT column lists."""
+        groups = "".join(f"`{c}`, " for c in self.group_columns)
+        return f"namespace, subject, window_start, {groups}value, _origin"
+
+    def _select(self, where: str, origin: int) -> str:
         groups = "".join(
             f",\n    {self._group(path(p))} AS `group_{name}`"
             for name, p in self.meter.group_by.items()
@@ -337,22 +346,49 @@ class MeterSQL:
         )
         return (
             f"SELECT namespace, subject, toDateTime(toStartOfMinute(time), 'UTC') AS window_start"
-            f"{groups},\n    {self._state()} AS value\nFROM {self.events}\n"
+            f"{groups},\n    {self._state()} AS value, toUInt32({origin}) AS _origin\n"
+            f"FROM {self.events}\n"
             f"WHERE type = {quote(self.meter.event_type)} "
             f"AND position(validation_error, {quote('[' + self.meter.slug + ']')}) = 0 "
-            f"AND {self._readable()} AND {stored}\nGROUP BY {keys}"
+            f"AND {self._readable()} AND {where}\nGROUP BY {keys}"
         )
 
     def create_view(self, cutoff: int) -> str:
-        """The view counts rows stored from `cutoff` (epoch seconds) on; the backfill counts
-        the rows stored before it, so no row is counted twice or missed."""
+        """The view counts rows stored from `cutoff` (epoch seconds) on, as `_origin` 0; the
+        backfill counts the rows stored before it, so no row is counted twice or missed."""
         return (
             f"CREATE MATERIALIZED VIEW IF NOT EXISTS {self.view} TO {self.table} AS\n"
-            + self._select(f"stored_at >= toDateTime({cutoff})")
+            + self._select(f"stored_at >= toDateTime({cutoff})", 0)
         )
 
-    def backfill(self, cutoff: int) -> str:
-        return f"INSERT INTO {self.table}\n" + self._select(f"stored_at < toDateTime({cutoff})")
+    def backfill_piece(
+        self,
+        target: str,
+        cutoff: int,
+        minutes: tuple[int, int],
+        bucket: tuple[int, int],
+        origin: int,
+    ) -> str:
+        """Aggregate into `target`, as `origin`, the rows stored before `cutoff` whose event
+        time lies in `minutes` (first, end: epoch minutes) and whose id hashes into `bucket`
+        (index, count)."""
+        first, end = minutes
+        where = (
+            f"stored_at < toDateTime({cutoff}) AND time >= toDateTime({first * 60}) "
+            f"AND time < toDateTime({end * 60})"
+        )
+        if bucket[1] > 1:
+            where += f" AND cityHash64(id) % {bucket[1]} = {bucket[0]}"
+        return f"INSERT INTO {target} ({self.columns})\n" + self._select(where, origin)
+
+    def copy_month(self, target: str, source: str, month: int, origin: int) -> str:
+        """Copy one month of `source` (a table of this meter's shape) into `target` as `origin`."""
+        groups = "".join(f"`{c}`, " for c in self.group_columns)
+        return (
+            f"INSERT INTO {target} ({self.columns}) SELECT namespace, subject, window_start, "
+            f"{groups}value, toUInt32({origin}) FROM {source} "
+            f"WHERE toYYYYMM(window_start) = {month}"
+        )
 
     def drop(self) -> list[str]:
         return [f"DROP TABLE IF EXISTS {self.view}", f"DROP TABLE IF EXISTS {self.table}"]

@@ -40,6 +40,18 @@ class Metrics:
             ["meter"],
             registry=r,
         )
+        self.backfill_done = Gauge(
+            "sink_backfill_rows_done",
+            "Raw rows a meter's backfill has counted (this process's backfills)",
+            ["meter"],
+            registry=r,
+        )
+        self.backfill_total = Gauge(
+            "sink_backfill_rows_total",
+            "Raw rows a meter's backfill counts in all",
+            ["meter"],
+            registry=r,
+        )
         self.batches = Counter("sink_batches", "Batches landed", registry=r)
         self.batches_dropped = Counter(
             "sink_batches_dropped",

@@ -1,41 +1,35 @@
-"""Versioned schema migrations, recorded in `schema_migrations`, and meter reconciliation.
+"""Versioned schema migrations and meters, recorded in `schema_migrations` (`sink.ledger`).
 
 - Each migration has a version and a checksum of its SQL (rendered for a canonical server,
   so the checksum names the code's intent, not the server it ran on). A changed checksum of
   an applied migration stops the run with a clear message.
-- Concurrent runs are serialised by a lock table: CREATE TABLE without IF NOT EXISTS succeeds
-  for one caller only.
-- Meters are migrations too (`meter:<slug>`). Adding one creates its table and view and
-  backfills the rows that landed before the view existed; the view counts rows stored from a
-  cutoff on and the backfill those stored before it, so no row is counted twice.
+- One migrator at a time holds the lease (`sink.lease`); one that dies is taken over within
+  seconds. A schema that is already complete is never waited for.
+- Meters are migrations too (`meter:<slug>`), in two stages. *Live*: the meter's table and
+  view exist, and the view counts every row stored from the meter's cutoff on; ingestion goes
+  on as usual. *Applied*: the rows stored before the cutoff are backfilled (`sink.backfill`),
+  in bounded, resumable pieces, so no row is counted twice or missed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
 
+from sink.backfill import Backfill, Progress, staging_tables
 from sink.clickhouse import ClickHouse, Schema, ServerFeatures, quote
-from sink.errors import ClickHouseUnavailable, DependencyError, MigrationError
+from sink.errors import ClickHouseUnavailable, MigrationError
+from sink.lease import Lease
+from sink.ledger import APPLIED, LIVE, REMOVED, Ledger, Live, meter_version
 from sink.meters import Meter, MeterSQL
 
 log = structlog.get_logger("sink.migrations")
 
 CANONICAL = ServerFeatures((18, 16))
-LOCK_STALE_AFTER = 1800.0
-"""A lock older than this (seconds) is taken to belong to a dead process."""
-TABLE_EXISTS = 57
-
-
-class LockHeld(DependencyError):
-    """Another process is migrating; waiting is the remedy."""
-
-    dependency = "clickhouse"
 
 
 @dataclass(frozen=True)
@@ -72,10 +66,6 @@ def core(
     ]
 
 
-def meter_checksum(meter: Meter) -> str:
-    return meter.checksum()
-
-
 @dataclass
 class Plan:
     """What a run would do: statements per version, and meters to drop."""
@@ -86,6 +76,11 @@ class Plan:
 
 
 class Migrator:
+    """Brings one database's schema and meters to what the configuration declares.
+
+    `connect` opens a further connection to the same database (the lease renews on its own).
+    """
+
     def __init__(
         self,
         ch: ClickHouse,
@@ -93,18 +88,25 @@ class Migrator:
         events_table: str,
         offsets_table: str,
         meters: Sequence[Meter],
-        cutoff_margin: float = 5.0,
+        *,
+        connect: Callable[[], ClickHouse],
         owner: str = "sink",
+        lease_timeout: float = 10.0,
+        piece_rows: int = 1_000_000,
+        cutoff_margin: float = 5.0,
     ) -> None:
         self.ch = ch
         self.features = features
         self.events_table = events_table
         self.migrations = core(ch, features, events_table, offsets_table)
         self.meters = list(meters)
+        self.piece_rows = piece_rows
         self.cutoff_margin = cutoff_margin
-        self.owner = owner
-        self.table = ch.table("schema_migrations")
-        self.lock = ch.table("schema_migrations_lock")
+        self.ledger = Ledger(ch)
+        self.lease = Lease(ch, connect, owner, lease_timeout)
+        self.backfills: dict[str, Progress] = {}
+        """Backfills this process runs or ran, by meter slug."""
+        self.report: Callable[[Progress], None] = lambda _progress: None
 
     def meter_sql(self, meter: Meter) -> MeterSQL:
         try:
@@ -112,35 +114,17 @@ class Migrator:
         except ValueError as exc:
             raise MigrationError(str(exc)) from None
 
-    async def _bootstrap(self) -> None:
-        await self.ch.execute(f"CREATE DATABASE IF NOT EXISTS `{self.ch.database}`")
-        await self.ch.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.table} (version String, checksum String, "
-            "state String, applied_at DateTime('UTC') DEFAULT now(), seq UInt64) "
-            "ENGINE = MergeTree() ORDER BY (version, seq)"
-        )
-
     async def applied(self) -> dict[str, tuple[str, str]]:
         """version -> (checksum, state) of the latest record of each version."""
-        rows = await self.ch.query(
-            f"SELECT version, argMax(checksum, seq), argMax(state, seq) FROM {self.table} "
-            "GROUP BY version"
-        )
-        return {str(v): (str(c), str(s)) for v, c, s in rows}
-
-    async def _record(self, version: str, checksum: str, state: str) -> None:
-        await self.ch.insert_columns(
-            "schema_migrations",
-            ("version", "checksum", "state", "seq"),
-            [[version], [checksum], [state], [time.time_ns()]],
-        )
+        return await self.ledger.latest()
 
     def _check(self, applied: dict[str, tuple[str, str]]) -> None:
         expected = {m.version: m.checksum for m in self.migrations}
-        expected.update({f"meter:{m.slug}": m.checksum() for m in self.meters})
+        expected.update({meter_version(m.slug): m.checksum() for m in self.meters})
         for version, checksum in expected.items():
             record = applied.get(version)
-            if record and record[1] == "applied" and record[0] != checksum:
+            made = record is not None and (record[1] == APPLIED or record[1].startswith(LIVE))
+            if record and made and record[0] != checksum:
                 what = ("meter " + version[6:]) if version.startswith("meter:") else version
                 hint = (
                     "meters cannot change once applied: give the changed meter a new slug, "
@@ -152,6 +136,24 @@ class Migrator:
                     f"{what} was applied with checksum {record[0]} but is now {checksum}: {hint}"
                 )
 
+    @staticmethod
+    def _state(applied: dict[str, tuple[str, str]], version: str) -> str:
+        return applied.get(version, ("", ""))[1]
+
+    def _pending_core(self, applied: dict[str, tuple[str, str]]) -> list[Migration]:
+        return [m for m in self.migrations if self._state(applied, m.version) != APPLIED]
+
+    def _pending_meters(self, applied: dict[str, tuple[str, str]]) -> list[Meter]:
+        return [m for m in self.meters if self._state(applied, meter_version(m.slug)) != APPLIED]
+
+    def _removed(self, applied: dict[str, tuple[str, str]]) -> list[str]:
+        configured = {meter_version(m.slug) for m in self.meters}
+        return sorted(
+            v[6:]
+            for v, (_, state) in applied.items()
+            if v.startswith("meter:") and state != REMOVED and v not in configured
+        )
+
     async def plan(self, drop_removed: bool = False) -> Plan:
         """The statements a run would execute now (for --dry-run); creates nothing."""
         try:
@@ -159,81 +161,143 @@ class Migrator:
         except ClickHouseUnavailable:
             applied = {}  # nothing created yet
         self._check(applied)
-        todo: list[tuple[str, list[str]]] = []
-        for migration in self.migrations:
-            if applied.get(migration.version, ("", ""))[1] != "applied":
-                todo.append((migration.version, list(migration.statements)))
-        for meter in self.meters:
-            if applied.get(f"meter:{meter.slug}", ("", ""))[1] != "applied":
-                sql = self.meter_sql(meter)
-                todo.append(
-                    (
-                        f"meter:{meter.slug}",
-                        [sql.create_table(), sql.create_view(0), sql.backfill(0)],
-                    )
-                )
+        todo = [(m.version, list(m.statements)) for m in self._pending_core(applied)]
+        for meter in self._pending_meters(applied):
+            sql = self.meter_sql(meter)
+            piece = sql.backfill_piece(f"_backfill<epoch>_{meter.table}", 0, (0, 0), (0, 1), 0)
+            todo.append(
+                (meter_version(meter.slug), [sql.create_table(), sql.create_view(0), piece])
+            )
         removed = self._removed(applied)
         return Plan(todo, removed if drop_removed else [], [] if drop_removed else removed)
 
-    def _removed(self, applied: dict[str, tuple[str, str]]) -> list[str]:
-        configured = {f"meter:{m.slug}" for m in self.meters}
-        return sorted(
-            v[6:]
-            for v, (_, state) in applied.items()
-            if v.startswith("meter:") and state == "applied" and v not in configured
-        )
+    async def run(
+        self,
+        drop_removed: bool = False,
+        *,
+        wait: bool = True,
+        core_only: bool = False,
+        backfill: bool = True,
+    ) -> list[str] | None:
+        """Apply what is missing; returns the versions applied or dropped, or None when
+        another live process holds the lease and `wait` is False.
 
-    async def run(self, drop_removed: bool = False) -> list[str]:
-        """Apply what is missing; returns the versions applied or dropped."""
-        await self._bootstrap()
-        await self._acquire()
+        `core_only`: the raw and offset tables only, which a worker needs before it consumes.
+        Without `backfill`, meters are made live (their views count from their cutoff on,
+        which has passed on return) and their backfills are left for a later run."""
+        await self.ledger.bootstrap()
+        applied = await self.applied()
+        self._check(applied)
+        if self._complete(applied, drop_removed, core_only, backfill):
+            return []  # nothing to do: no lease needed
+        if not await self.lease.acquire(wait):
+            return None
         try:
-            applied = await self.applied()
+            applied = await self.applied()  # again, now that no one else migrates
             self._check(applied)
-            done = []
-            for migration in self.migrations:
-                if applied.get(migration.version, ("", ""))[1] == "applied":
-                    continue
-                for sql in migration.statements:
-                    await self.ch.execute(sql)
-                await self._record(migration.version, migration.checksum, "applied")
-                done.append(migration.version)
-            new = [
-                m for m in self.meters if applied.get(f"meter:{m.slug}", ("", ""))[1] != "applied"
-            ]
-            if new:
-                await self._add_meters(new)
-                done.extend(f"meter:{m.slug}" for m in new)
+            done = await self._apply_core(applied)
+            if core_only:
+                return done
+            pending = self._pending_meters(applied)
+            lives = [await self._make_live(meter) for meter in pending]
+            if not backfill:
+                if lives:
+                    await self._wait_past(max(live.cutoff for live in lives))
+                return done
+            for meter, live in zip(pending, lives, strict=True):
+                await self._backfill(meter, live)
+                done.append(meter_version(meter.slug))
             for slug in self._removed(applied):
                 if drop_removed:
-                    await self._drop_meter(slug, applied[f"meter:{slug}"][0])
+                    await self._drop_meter(slug, applied[meter_version(slug)][0])
                     done.append(f"drop meter:{slug}")
                 else:
                     log.info("meter removed from configuration, data kept", meter=slug)
             return done
         finally:
-            await self._release()
+            await self.lease.release()
 
-    async def _add_meters(self, meters: Sequence[Meter]) -> None:
-        """Create tables and views with one cutoff, wait once, then backfill each."""
-        sqls = [self.meter_sql(m) for m in meters]
-        for sql in sqls:
-            await self.ch.execute(sql.create_table())
-            # An interrupted run may have left a view (with an unknown cutoff) and part of a
-            # backfill: start the meter over. Nothing writes to the table once its view is gone.
-            await self.ch.execute(f"DROP TABLE IF EXISTS {sql.view}")
-            await self.ch.execute(f"TRUNCATE TABLE {sql.table}")
-        [(now,)] = await self.ch.query("SELECT toUInt32(now())")
-        cutoff = int(now) + max(1, round(self.cutoff_margin))
-        for sql in sqls:
-            await self.ch.execute(sql.create_view(cutoff))
-        await self._wait_past(cutoff, started_before=int(now))
-        for meter, sql in zip(meters, sqls, strict=True):
-            await self.ch.execute(sql.backfill(cutoff))
-            await self._record(f"meter:{meter.slug}", meter.checksum(), "applied")
-            log.info("meter added", meter=meter.slug, cutoff=cutoff)
+    def _complete(
+        self,
+        applied: dict[str, tuple[str, str]],
+        drop_removed: bool,
+        core_only: bool,
+        backfill: bool,
+    ) -> bool:
+        if self._pending_core(applied):
+            return False
+        if core_only:
+            return True
+        if not backfill:
+            return all(
+                self._state(applied, meter_version(m.slug)).startswith(LIVE)
+                for m in self._pending_meters(applied)
+            )
+        return not self._pending_meters(applied) and not (drop_removed and self._removed(applied))
 
-    async def _wait_past(self, cutoff: int, started_before: int) -> None:
+    async def _apply_core(self, applied: dict[str, tuple[str, str]]) -> list[str]:
+        done = []
+        for migration in self._pending_core(applied):
+            for sql in migration.statements:
+                self.lease.check()
+                await self.ch.execute(sql)
+            await self.ledger.record(migration.version, migration.checksum, APPLIED)
+            done.append(migration.version)
+        return done
+
+    async def _make_live(self, meter: Meter) -> Live:
+        """The meter's table and view, counting rows stored from the recorded cutoff on."""
+        sql = self.meter_sql(meter)
+        live = await self.ledger.live(meter.slug)
+        if live is None:
+            self.lease.check()
+            await self._clear_leftovers(sql)
+            [(now,)] = await self.ch.query("SELECT toUInt32(now())")
+            cutoff = int(now) + max(1, round(self.cutoff_margin))
+            await self.ledger.record(
+                meter_version(meter.slug), meter.checksum(), Live(cutoff, self.piece_rows).encode()
+            )
+            # The first record wins: another process may have written one too.
+            live = await self.ledger.live(meter.slug)
+            assert live is not None
+        self.lease.check()
+        await self.ch.execute(sql.create_table())
+        await self.ch.execute(sql.create_view(live.cutoff))
+        log.info("meter live", meter=meter.slug, cutoff=live.cutoff)
+        return live
+
+    async def _clear_leftovers(self, sql: MeterSQL) -> None:
+        """A meter never recorded live may have a table or view from an interrupted run of an
+        earlier version (no `_origin`, an unknown cutoff): nothing reads them yet, drop them."""
+        rows = await self.ch.query(
+            f"SELECT name FROM system.columns WHERE database = {quote(self.ch.database)} "
+            f"AND table = {quote(sql.meter.table)} AND name = '_origin'"
+        )
+        if not rows:
+            for statement in sql.drop():
+                await self.ch.execute(statement)
+
+    async def _backfill(self, meter: Meter, live: Live) -> None:
+        sql = self.meter_sql(meter)
+        await self._wait_past(live.cutoff)
+        job = Backfill(
+            self.ch,
+            self.ledger,
+            sql,
+            live.cutoff,
+            live.piece_rows,
+            self.lease.epoch,
+            self.lease.check,
+            self.report,
+        )
+        self.backfills[meter.slug] = job.progress
+        await job.run()
+        self.lease.check()
+        await self.ledger.record(meter_version(meter.slug), meter.checksum(), APPLIED)
+        await job.drop_staging()
+        log.info("meter applied", meter=meter.slug, rows=job.progress.rows_total)
+
+    async def _wait_past(self, cutoff: int) -> None:
         """Until the server clock passed the cutoff, and no insert into the raw table that
         began before the view existed is still running (its rows would be in neither)."""
         while True:
@@ -242,56 +306,55 @@ class Migrator:
                 break
             await asyncio.sleep(min(1.0, cutoff - int(now) + 0.1))
         events = f"`{self.ch.database}`.`{self.events_table}`"
-        rows = await self.ch.query(
+        margin = max(1, round(self.cutoff_margin))
+        older = (
             "SELECT count() FROM system.processes WHERE query LIKE "
-            f"{quote('INSERT INTO ' + events + '%')} AND elapsed > {int(now) - started_before}"
+            f"{quote('INSERT INTO ' + events + '%')} AND elapsed > {{age}}"
         )
-        if rows and int(rows[0][0]):
-            raise MigrationError(
-                "an insert that began before the meter view was created is still running; "
-                "run the migration again"
-            )
+        [(running,)] = await self.ch.query(older.format(age=int(now) - cutoff + margin))
+        if int(running):
+            # Its rows are visible to the backfill once it ends; were its block to arrive
+            # after the cutoff, they would be in neither (the view was not there when it began).
+            log.warning("an insert that began before the meter view existed is still running")
+            while int(running):
+                await asyncio.sleep(0.5)
+                [(now,)] = await self.ch.query("SELECT toUInt32(now())")
+                [(running,)] = await self.ch.query(older.format(age=int(now) - cutoff + margin))
 
     async def _drop_meter(self, slug: str, checksum: str) -> None:
-        for sql in (
-            f"DROP TABLE IF EXISTS {self.ch.table(f'meter_{slug}_mv')}",
-            f"DROP TABLE IF EXISTS {self.ch.table(f'meter_{slug}')}",
-        ):
-            await self.ch.execute(sql)
-        await self._record(f"meter:{slug}", checksum, "removed")
+        meter_table = f"meter_{slug}"
+        names = await self.ch.query(
+            f"SELECT name FROM system.tables WHERE database = {quote(self.ch.database)}"
+        )
+        doomed = [f"{meter_table}_mv", meter_table]
+        doomed += staging_tables([str(n) for (n,) in names], meter_table)
+        for name in doomed:
+            self.lease.check()
+            await self.ch.execute(f"DROP TABLE IF EXISTS {self.ch.table(name)}")
+        await self.ledger.record(meter_version(slug), checksum, REMOVED)
         log.info("meter dropped", meter=slug)
 
-    async def _acquire(self, patience: float = 300.0) -> None:
-        deadline = time.monotonic() + patience
-        while True:
-            try:
-                await self.ch.execute(
-                    f"CREATE TABLE {self.lock} (owner String, acquired_at DateTime('UTC') "
-                    "DEFAULT now()) ENGINE = TinyLog"
-                )
-                await self.ch.insert_columns("schema_migrations_lock", ("owner",), [[self.owner]])
-                return
-            except ClickHouseUnavailable as exc:
-                if f"server error {TABLE_EXISTS}" not in str(exc):
-                    raise
-            if await self._lock_is_stale():
-                log.warning("breaking a stale migration lock")
-                await self.ch.execute(f"DROP TABLE IF EXISTS {self.lock}")
-                continue
-            if time.monotonic() > deadline:
-                raise LockHeld("another migration holds the lock (schema_migrations_lock)")
-            await asyncio.sleep(0.5)
-
-    async def _lock_is_stale(self) -> bool:
-        """The lock's age is its table's creation time: a lock row may not be written yet."""
+    async def describe(self) -> list[str]:
+        """The lease and every unfinished backfill, for `sink check`."""
+        lines = []
+        holder = await self.lease.holder()
+        lines.append(
+            "migration lease: "
+            + ("never taken" if holder is None else holder.describe(self.lease.timeout))
+        )
         try:
-            rows = await self.ch.query(
-                "SELECT toUInt32(now()) - toUInt32(metadata_modification_time) FROM system.tables "
-                f"WHERE database = {quote(self.ch.database)} AND name = 'schema_migrations_lock'"
-            )
+            applied = await self.applied()
         except ClickHouseUnavailable:
-            return False
-        return bool(rows) and int(rows[0][0]) > LOCK_STALE_AFTER
-
-    async def _release(self) -> None:
-        await self.ch.execute(f"DROP TABLE IF EXISTS {self.lock}")
+            applied = {}  # nothing migrated yet
+        for version, (_, state) in sorted(applied.items()):
+            live = Live.parse(state)
+            if live is None:
+                continue
+            slug = version.split(":", 1)[1]
+            records = await self.ledger.backfill(slug, live.cutoff)
+            lines.append(
+                f"backfill of meter {slug}: {records.rows_done:,} of {records.rows_total:,} rows, "
+                f"{len(records.months)} of {records.months_total} months"
+                + ("" if records.rows_total else " (not planned yet)")
+            )
+        return lines
