@@ -12,17 +12,19 @@ import asyncio
 import contextlib
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from sink.clickhouse import ClickHouse
 from sink.ledger import BackfillRecords
 from tests.conftest import ROOT
-from tests.faults.conftest import Proxy, host_port, record_result, via
+from tests.faults.conftest import Proxy, host_port, http_port, metric, record_result, via
 from tests.integration.history import (
     CALLS,
     TOKENS,
@@ -128,6 +130,9 @@ async def test_a_migrator_killed_at_any_point_is_taken_over_and_the_meter_ends_e
     migrator.kill()
     await migrator.wait()
     killed = time.monotonic()
+    if point == "during the backfill":
+        report = await _check(sink_config(name="check", meters=[CALLS, TOKENS]))
+        assert "backfill of meter tokens: " in report and " of 200,000 rows" in report, report
 
     worker = run_sink(sink_config(name="new", meters=[CALLS, TOKENS], migrations=LEASE))
     stream = Stream(producer, topic)
@@ -138,6 +143,10 @@ async def test_a_migrator_killed_at_any_point_is_taken_over_and_the_meter_ends_e
         landed_after = time.monotonic() - killed
         await _until_applied(clickhouse_db, timeout=90)
         taken_over_after = time.monotonic() - killed
+        # The running worker resumed the backfill, and says so.
+        progress = _status(worker)["meters"]["backfills"]["tokens"]
+        assert progress["rows_done"] == progress["rows_total"] >= 200_000, progress
+        assert metric(worker, "sink_backfill_rows_done", meter="tokens") == progress["rows_done"]
         assert (await landed(clickhouse_db)).keys() >= first.keys()
     await wait_landed(clickhouse_db, stream.ends, timeout=60, alive=lambda: worker.running)
     assert worker.stop() == 0
@@ -154,6 +163,28 @@ async def test_a_migrator_killed_at_any_point_is_taken_over_and_the_meter_ends_e
     assert await staging_left(clickhouse_db) == []
     want = combined(await history_sums(clickhouse_db), stream.sums)
     assert await meter_sums(clickhouse_db) == want
+
+
+def _status(worker: Any) -> Any:
+    url = f"http://127.0.0.1:{http_port(worker)}/status"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return orjson.loads(response.read())
+
+
+async def _check(config: Path) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sink",
+        "check",
+        "-c",
+        str(config),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await proc.communicate()
+    return out.decode()
 
 
 async def _until_applied(ch: ClickHouse, timeout: float) -> None:
