@@ -123,12 +123,12 @@ class Ledger:
         )
         return [str(s) for (s,) in rows]
 
-    async def live(self, slug: str) -> Live | None:
-        """The meter's first `live` record since it was last removed: the one every process
-        uses, however many wrote one."""
+    async def live(self, slug: str, cutoff: int) -> Live | None:
+        """The meter's first `live` record of this cutoff since it was last removed: the one
+        every process uses, however many wrote one."""
         for state in await self.states(meter_version(slug)):
             found = Live.parse(state)
-            if found is not None:
+            if found is not None and found.cutoff == cutoff:
                 return found
         return None
 

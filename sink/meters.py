@@ -205,6 +205,16 @@ def _member(name: str) -> _Member:
     return _Member(defined, alias, quote(key), len(f'"{key}":'.encode()) + 1)
 
 
+_VIEW_CUTOFF = re.compile(r"stored_at >= toDateTime\((\d+)\)")
+
+
+def view_cutoff(create_view: str) -> int | None:
+    """The cutoff in a meter view's CREATE statement (as the server shows it): the view
+    counts rows stored from then on (`MeterSQL.create_view`)."""
+    found = _VIEW_CUTOFF.search(create_view)
+    return int(found.group(1)) if found else None
+
+
 class MeterSQL:
     """SQL of one meter for one server: the table, the view, the backfill and the merge."""
 

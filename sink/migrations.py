@@ -25,7 +25,7 @@ from sink.clickhouse import ClickHouse, Schema, ServerFeatures, quote
 from sink.errors import ClickHouseUnavailable, MigrationError
 from sink.lease import Lease
 from sink.ledger import APPLIED, LIVE, REMOVED, Ledger, Live, meter_version
-from sink.meters import Meter, MeterSQL
+from sink.meters import Meter, MeterSQL, view_cutoff
 
 log = structlog.get_logger("sink.migrations")
 
@@ -246,36 +246,54 @@ class Migrator:
         return done
 
     async def _make_live(self, meter: Meter) -> Live:
-        """The meter's table and view, counting rows stored from the recorded cutoff on."""
-        sql = self.meter_sql(meter)
-        live = await self.ledger.live(meter.slug)
-        if live is None:
-            self.lease.check()
-            await self._clear_leftovers(sql)
-            [(now,)] = await self.ch.query("SELECT toUInt32(now())")
-            cutoff = int(now) + max(1, round(self.cutoff_margin))
-            await self.ledger.record(
-                meter_version(meter.slug), meter.checksum(), Live(cutoff, self.piece_rows).encode()
-            )
-            # The first record wins: another process may have written one too.
-            live = await self.ledger.live(meter.slug)
-            assert live is not None
-        self.lease.check()
-        await self.ch.execute(sql.create_table())
-        await self.ch.execute(sql.create_view(live.cutoff))
-        log.info("meter live", meter=meter.slug, cutoff=live.cutoff)
-        return live
+        """The meter's table and a view made before its cutoff, recorded live.
 
-    async def _clear_leftovers(self, sql: MeterSQL) -> None:
-        """A meter never recorded live may have a table or view from an interrupted run of an
-        earlier version (no `_origin`, an unknown cutoff): nothing reads them yet, drop them."""
-        rows = await self.ch.query(
-            f"SELECT name FROM system.columns WHERE database = {quote(self.ch.database)} "
-            f"AND table = {quote(sql.meter.table)} AND name = '_origin'"
-        )
-        if not rows:
+        The view's own SQL holds its cutoff: the view that exists is what counts the rows
+        stored from its cutoff on, so the backfill takes its cutoff from there. A view made
+        after its own cutoff (its maker froze in between) missed the rows stored in between,
+        and a table without `_origin` comes from an earlier version: either is dropped and
+        made again with a new cutoff, and the backfill counts every row before that."""
+        sql = self.meter_sql(meter)
+        while (cutoff := await self._view_cutoff(sql)) is None:
+            self.lease.check()
             for statement in sql.drop():
                 await self.ch.execute(statement)
+            [(now,)] = await self.ch.query("SELECT toUInt32(now())")
+            await self.ch.execute(sql.create_table())
+            await self.ch.execute(sql.create_view(int(now) + max(1, round(self.cutoff_margin))))
+        live = await self.ledger.live(meter.slug, cutoff)
+        if live is None:
+            version = meter_version(meter.slug)
+            await self.ledger.record(
+                version, meter.checksum(), Live(cutoff, self.piece_rows).encode()
+            )
+            # The first record of this cutoff wins: another process may have written one too.
+            live = await self.ledger.live(meter.slug, cutoff)
+            assert live is not None
+            log.info("meter live", meter=meter.slug, cutoff=cutoff)
+        return live
+
+    async def _view_cutoff(self, sql: MeterSQL) -> int | None:
+        """The cutoff of the meter's view, if the view was made before it and its table is of
+        this version (has `_origin`); else None."""
+        db = quote(self.ch.database)
+        made = dict(
+            await self.ch.query(
+                "SELECT name, toUInt32(metadata_modification_time) FROM system.tables "
+                f"WHERE database = {db} AND name = {quote(sql.meter.view)}"
+            )
+        )
+        origin = await self.ch.query(
+            f"SELECT name FROM system.columns WHERE database = {db} "
+            f"AND table = {quote(sql.meter.table)} AND name = '_origin'"
+        )
+        if sql.meter.view not in made or not origin:
+            return None
+        [(text,)] = await self.ch.query(f"SHOW CREATE TABLE {sql.view}")
+        cutoff = view_cutoff(str(text))
+        if cutoff is None or int(made[sql.meter.view]) >= cutoff:
+            return None
+        return cutoff
 
     async def _backfill(self, meter: Meter, live: Live) -> None:
         sql = self.meter_sql(meter)

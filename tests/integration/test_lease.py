@@ -139,3 +139,31 @@ def _check_lines(config: Path) -> str:
     lines = [x for x in out.stdout.splitlines() if x.startswith("migration lease:")]
     assert lines, out.stdout + out.stderr
     return lines[0]
+
+
+async def test_a_complete_schema_is_not_waited_for_while_another_process_holds_the_lease(
+    clickhouse_db: ClickHouse, services: Any, sink_config: Callable[..., Path]
+) -> None:
+    config = sink_config(meters=[{"slug": "calls", "event_type": "call", "aggregation": "COUNT"}])
+    assert _migrate(config).returncode == 0
+    holder = _hold(_url(clickhouse_db, services))
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        done = _migrate(config)
+        assert (done.returncode, done.stdout.strip()) == (0, "nothing to do: schema is up to date")
+        assert time.monotonic() - started < TIMEOUT  # not a lease's wait
+        assert holder.poll() is None  # and the holder was not disturbed
+    finally:
+        holder.kill()
+
+
+def _migrate(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sink", "migrate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )

@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sink.backfill import MAX_BUCKETS, Piece, month_of, plan, staging_tables
+from sink.clickhouse import ServerFeatures
 from sink.ledger import BackfillRecords, Live, piece_state, plan_state
+from sink.meters import Meter, MeterSQL, view_cutoff
 
 JAN_31_23H = int(datetime(2026, 1, 31, 23, 0, tzinfo=UTC).timestamp()) // 60
 
@@ -93,3 +95,12 @@ def test_records_round_trip() -> None:
     )
     assert (records.rows_total, records.months_total, records.rows_done) == (30, 2, 15)
     assert records.months == {202601}
+
+
+def test_a_views_cutoff_is_read_back_from_its_sql() -> None:
+    meter = Meter(slug="tokens", event_type="t", aggregation="SUM", value_property="n")
+    sql = MeterSQL(meter, ServerFeatures((18, 16, 1)), "db", "events")
+    assert view_cutoff(sql.create_view(1_796_284_023)) == 1_796_284_023
+    shown = "... AND (stored_at >= toDateTime(1796284023)) GROUP BY namespace, subject"
+    assert view_cutoff(shown) == 1_796_284_023
+    assert view_cutoff("CREATE MATERIALIZED VIEW x AS SELECT 1") is None
