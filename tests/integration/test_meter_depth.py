@@ -22,7 +22,7 @@ from sink import usage
 from sink.clickhouse import ClickHouse, ServerFeatures, quote
 from sink.decode import flat_first
 from sink.meters import Meter, MeterIndex, group_value, json_key, lookup, member_pattern, path
-from tests.integration.test_meters import observed, send
+from tests.integration.test_meters import aggregate, observed, send
 from tests.integration.workload import wait_landed
 
 BASE = datetime(2026, 3, 31, 23, 30, tzinfo=UTC)  # spans minutes, a day and a month end
@@ -114,23 +114,6 @@ def group_key(value: Any, features: ServerFeatures) -> str:
     if isinstance(value, dict | list) and not features.json_extract:
         return ""
     return group_value(value)
-
-
-def aggregate(aggregation: str, values: list[tuple[datetime, Any]]) -> float:
-    numbers = [v for _, v in values]
-    if aggregation == "COUNT":
-        return len(values)
-    if aggregation == "SUM":
-        return sum(numbers)
-    if aggregation == "MIN":
-        return min(numbers)
-    if aggregation == "MAX":
-        return max(numbers)
-    if aggregation == "AVG":
-        return sum(numbers) / len(numbers)
-    if aggregation == "UNIQUE_COUNT":
-        return len({orjson.dumps(v) for v in numbers})
-    return float(max(values, key=lambda p: p[0])[1])  # LATEST
 
 
 async def assert_usage_reads_top_level_only(ch: ClickHouse, events: list[dict[str, Any]]) -> None:

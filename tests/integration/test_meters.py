@@ -124,10 +124,10 @@ def expected(
                 e["subject"] if g == "subject" else group_value(e["data"].get(meter.group_by[g]))
             )
         cells[tuple(key)].append((at, value))
-    return {key: _aggregate(meter.aggregation, values) for key, values in cells.items()}
+    return {key: aggregate(meter.aggregation, values) for key, values in cells.items()}
 
 
-def _aggregate(aggregation: str, values: list[tuple[datetime, Any]]) -> float:
+def aggregate(aggregation: str, values: list[tuple[datetime, Any]]) -> float:
     numbers = [v for _, v in values]
     if aggregation == "COUNT":
         return len(values)
