@@ -76,7 +76,7 @@ class Services:
 
 
 def clickhouse(url: str, timeout: float = 300) -> Any:
-    from sink.clickhouse import ClickHouse
+    from sink.stores.clickhouse.connection import ClickHouse
 
     return ClickHouse(url, connect_timeout=10, query_timeout=timeout)
 

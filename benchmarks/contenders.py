@@ -6,8 +6,8 @@ contenders do not disturb them): `python -m benchmarks.contenders NAME JSON`.
   consumer group.
 - insert: the ClickHouse ceiling. The rows the worker would insert (decoded and de-duplicated
   once, before timing) inserted with asynch in blocks of `batch.max_rows`, into the worker's
-  schema (`sink.clickhouse.Schema`: MergeTree `events`, the `sink_offsets` view), building
-  each block with `event_columns` as the worker does (inside the timing).
+  schema (`sink.stores.clickhouse.schema.Schema`: MergeTree `events`, the `sink_offsets`
+  view), building each block with `event_columns` as the worker does (inside the timing).
 - naive: one record at a time: decode, one Redis `SET NX EX` per record, one ClickHouse
   insert per `getmany` poll, aiokafka defaults otherwise.
 
@@ -82,11 +82,12 @@ async def consume(p: dict[str, Any]) -> dict[str, Any]:
 
 async def insert(p: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.workload import Spec, coordinates
-    from sink import decode as decoding
-    from sink.batch import Item
-    from sink.clickhouse import EVENT_COLUMNS, ClickHouse, Schema, event_columns
-    from sink.consumer import Namespaces
-    from sink.dedup import identity_key
+    from sink.pipeline import decode as decoding
+    from sink.pipeline.batch import Item
+    from sink.pipeline.consumer import Namespaces
+    from sink.stores.clickhouse.connection import ClickHouse
+    from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns
+    from sink.stores.dedup import identity_key
 
     spec = Spec(**p["spec"])
     namespaces = Namespaces(spec.topics_regex, None)
@@ -144,11 +145,12 @@ async def naive(p: dict[str, Any]) -> dict[str, Any]:
     import redis.asyncio as redis_async
     from aiokafka import AIOKafkaConsumer
 
-    from sink import decode as decoding
-    from sink.batch import Item
-    from sink.clickhouse import EVENT_COLUMNS, ClickHouse, Schema, event_columns
-    from sink.consumer import Namespaces
-    from sink.dedup import coordinates, identity_key
+    from sink.pipeline import decode as decoding
+    from sink.pipeline.batch import Item
+    from sink.pipeline.consumer import Namespaces
+    from sink.stores.clickhouse.connection import ClickHouse
+    from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns
+    from sink.stores.dedup import coordinates, identity_key
 
     limit = int(p["limit"])
     prefix = p["redis_prefix"].encode()

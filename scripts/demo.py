@@ -19,8 +19,9 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from sink import config, usage
-from sink.clickhouse import ClickHouse
+from sink import config
+from sink.metering import usage
+from sink.stores.clickhouse.connection import ClickHouse
 
 ROOT = Path(__file__).resolve().parent.parent
 CUSTOMERS = ("acme", "globex", "initech")

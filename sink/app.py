@@ -13,16 +13,17 @@ import structlog
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
-from sink.backfill import Progress
-from sink.clickhouse import ClickHouse, ServerFeatures, quote
 from sink.config import Config
-from sink.consumer import DeadLetters, ensure_topic, make_consumer, make_producer, security
-from sink.dedup import RedisDedup
 from sink.errors import ClickHouseUnavailable, DependencyError, KafkaUnavailable, SinkError
-from sink.health import HealthServer, Starting
-from sink.metrics import Metrics
-from sink.migrations import Migrator, Plan
-from sink.worker import Worker
+from sink.metering.backfill import Progress
+from sink.metering.migrations import Migrator, Plan
+from sink.operations.health import HealthServer, Starting
+from sink.operations.metrics import Metrics
+from sink.pipeline.consumer import DeadLetters, ensure_topic, make_consumer, make_producer, security
+from sink.pipeline.worker import Worker
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.sql import ServerFeatures, quote
+from sink.stores.dedup import RedisDedup
 
 T = TypeVar("T")
 log = structlog.get_logger("sink.app")

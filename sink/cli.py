@@ -16,9 +16,10 @@ from typing import Any
 import structlog
 from tqdm import tqdm
 
-from sink import __version__, app, backfill, config, usage
+from sink import __version__, app, config
 from sink.errors import SinkError
-from sink.logs import configure
+from sink.metering import backfill, usage
+from sink.operations.logs import configure
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from sink.errors import ConfigError
-from sink.meters import Meter
+from sink.metering.meters import Meter
 
 ENV_PREFIX = "SINK__"
 

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from sink.clickhouse import ClickHouse
-from sink.decode import MAX_FIELD_CHARS, REASONS
+from sink.pipeline.decode import MAX_FIELD_CHARS, REASONS
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.conftest import Services
 from tests.faults.conftest import count, record_result
 from tests.integration.conftest import SinkProcess

@@ -21,8 +21,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from sink.clickhouse import ClickHouse
-from sink.ledger import BackfillRecords
+from sink.metering.ledger import BackfillRecords
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.conftest import ROOT
 from tests.faults.conftest import Proxy, host_port, http_port, metric, record_result, via
 from tests.integration.history import (

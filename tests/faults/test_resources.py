@@ -15,7 +15,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from sink.clickhouse import ClickHouse
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.conftest import Services
 from tests.faults.conftest import (
     Load,

@@ -22,10 +22,10 @@ from typing import Any
 
 import pytest
 
-from sink.clickhouse import ClickHouse
 from sink.config import build
-from sink.consumer import security
 from sink.errors import ClickHouseUnavailable
+from sink.pipeline.consumer import security
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.conftest import ROOT, Services
 from tests.faults.conftest import (
     Load,
@@ -315,8 +315,8 @@ def test_invalid_configuration_holding_a_secret_does_not_print_it(
 
 
 def test_kafka_sasl_and_ssl_settings_are_passed_to_aiokafka() -> None:
-    """Unit level: `sink.consumer.security()` builds the aiokafka keyword arguments (the local
-    broker has no SASL/SSL listener to try them against)."""
+    """Unit level: `sink.pipeline.consumer.security()` builds the aiokafka keyword arguments
+    (the local broker has no SASL/SSL listener to try them against)."""
     plain = build({}, environ={}).kafka
     assert security(plain) == {"security_protocol": "PLAINTEXT"}
 

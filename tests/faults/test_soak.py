@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from sink.clickhouse import ClickHouse
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.conftest import Services
 from tests.faults.conftest import (
     Load,

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from sink.clickhouse import ClickHouse
+from sink.stores.clickhouse.connection import ClickHouse
 
 TOKENS = {
     "slug": "tokens",

@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as redis_async
 
-from sink import dedup
-from sink.dedup import RedisDedup
 from sink.errors import RedisUnavailable
+from sink.stores import dedup
+from sink.stores.dedup import RedisDedup
 from tests.conftest import Services
 
 

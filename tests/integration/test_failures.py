@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from sink.clickhouse import ClickHouse
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.conftest import Services
 from tests.integration.test_worker import REGEX, topics_for
 from tests.integration.workload import (

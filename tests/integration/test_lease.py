@@ -15,16 +15,16 @@ from typing import Any
 
 import pytest
 
-from sink.clickhouse import ClickHouse
-from sink.lease import Lease
+from sink.metering.lease import Lease
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.conftest import ROOT
 
 TIMEOUT = 3.0
 
 HOLDER = """
 import asyncio, sys
-from sink.clickhouse import ClickHouse
-from sink.lease import Lease, LeaseLost
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.metering.lease import Lease, LeaseLost
 
 async def main():
     url = sys.argv[1]

@@ -18,10 +18,19 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from sink import usage
-from sink.clickhouse import ClickHouse, ServerFeatures, quote
-from sink.decode import flat_first
-from sink.meters import Meter, MeterIndex, group_value, json_key, lookup, member_pattern, path
+from sink.metering import usage
+from sink.metering.meters import (
+    Meter,
+    MeterIndex,
+    group_value,
+    json_key,
+    lookup,
+    member_pattern,
+    path,
+)
+from sink.pipeline.decode import flat_first
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.sql import ServerFeatures, quote
 from tests.integration.test_meters import aggregate, observed, send
 from tests.integration.workload import wait_landed
 

@@ -16,9 +16,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from sink import usage
-from sink.clickhouse import ClickHouse
-from sink.meters import Meter, group_value
+from sink.metering import usage
+from sink.metering.meters import Meter, group_value
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.integration.workload import wait_landed
 
 BASE = datetime(2026, 1, 31, 21, 0, tzinfo=UTC)  # spans minutes, hours, days and a month end

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from sink import __version__
-from sink.clickhouse import ClickHouse
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.conftest import Services
 from tests.integration.test_failures import _stack
 from tests.integration.test_worker import REGEX, free_port, topics_for
@@ -682,7 +682,7 @@ async def test_lag_reads_no_high_watermark_of_a_partition_the_consumer_let_go(
     the worker; the lag task must skip such a partition, not die on aiokafka's assertion."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from sink.worker import highwater
+    from sink.pipeline.worker import highwater
 
     (topic,) = await make_topics(f"om_acme_{uid}")
     for n in range(3):

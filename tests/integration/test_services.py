@@ -11,10 +11,12 @@ import pytest
 import redis.asyncio as redis_async
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from sink.batch import as_item
-from sink.clickhouse import EVENT_COLUMNS, ClickHouse, InsertWithdrawn, Schema, event_columns
-from sink.decode import Event
 from sink.errors import ClickHouseUnavailable
+from sink.pipeline.batch import as_item
+from sink.pipeline.decode import Event
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.native import InsertWithdrawn
+from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns
 from tests.conftest import Services
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from sink.clickhouse import ClickHouse
+from sink.stores.clickhouse.connection import ClickHouse
 from tests.conftest import Services
 from tests.integration.workload import (
     REGEX,

@@ -8,10 +8,10 @@ from fractions import Fraction
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sink.backfill import MAX_BUCKETS, Piece, month_of, plan, staging_tables
-from sink.clickhouse import ServerFeatures
-from sink.ledger import BackfillRecords, Live, piece_state, plan_state
-from sink.meters import Meter, MeterSQL, view_cutoff
+from sink.metering.backfill import MAX_BUCKETS, Piece, month_of, plan, staging_tables
+from sink.metering.ledger import BackfillRecords, Live, piece_state, plan_state
+from sink.metering.meters import Meter, MeterSQL, view_cutoff
+from sink.stores.clickhouse.sql import ServerFeatures
 
 JAN_31_23H = int(datetime(2026, 1, 31, 23, 0, tzinfo=UTC).timestamp()) // 60
 

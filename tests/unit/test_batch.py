@@ -7,8 +7,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from sink.batch import Batch, Item, Range, Reject, Triggers, as_item, due, full, pending_ranges
-from sink.decode import Event, Rejection
+from sink.pipeline.batch import (
+    Batch,
+    Item,
+    Range,
+    Reject,
+    Triggers,
+    as_item,
+    due,
+    full,
+    pending_ranges,
+)
+from sink.pipeline.decode import Event, Rejection
 
 A = ("om_a_events", 0)
 B = ("om_a_events", 1)

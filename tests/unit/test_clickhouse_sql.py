@@ -6,19 +6,13 @@ import asyncio
 
 import pytest
 
-from sink.batch import Item, as_item
-from sink.clickhouse import (
-    EVENT_COLUMNS,
-    OFFSET_COLUMNS,
-    ClickHouse,
-    Schema,
-    ServerFeatures,
-    event_columns,
-    parse_version,
-    quote,
-    string_column,
-)
-from sink.decode import Event
+from sink.pipeline.batch import Item, as_item
+from sink.pipeline.decode import Event
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.landed import OFFSET_COLUMNS
+from sink.stores.clickhouse.native import string_column
+from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns
+from sink.stores.clickhouse.sql import ServerFeatures, parse_version, quote
 
 OLD = ServerFeatures((18, 16, 1))
 NEW = ServerFeatures((23, 8, 2))

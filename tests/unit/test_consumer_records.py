@@ -9,7 +9,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from sink.consumer import as_parsed, full_record
+from sink.pipeline.consumer import as_parsed, full_record
 
 TP = TopicPartition("usage", 3)
 

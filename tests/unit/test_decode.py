@@ -9,8 +9,8 @@ from typing import Any
 import orjson
 import pytest
 
-from sink import decode as d
-from sink.decode import Event, Rejection, decode, flat_first
+from sink.pipeline import decode as d
+from sink.pipeline.decode import Event, Rejection, decode, flat_first
 
 NS = "acme"
 LIMIT = 1024 * 1024

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sink import decode as d
-from sink.decode import Event, Rejection, decode, flat_first
+from sink.pipeline import decode as d
+from sink.pipeline.decode import Event, Rejection, decode, flat_first
 
 NS = "ns"
 LIMIT = 1024 * 1024

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 import hiredis
 import pytest
 
-from sink import dedup
-from sink.batch import Item, as_item
-from sink.decode import Event
-from sink.dedup import Grouping, MemoryDedup, coordinates, group, identity_key, keep
 from sink.errors import RedisUnavailable
+from sink.pipeline.batch import Item, as_item
+from sink.pipeline.decode import Event
+from sink.stores import dedup
+from sink.stores.dedup import Grouping, MemoryDedup, coordinates, group, identity_key, keep
 
 PREFIX = b"sink:dedup:"
 

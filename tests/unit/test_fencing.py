@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from sink.batch import Batch, Item, as_item
-from sink.decode import Event
-from sink.fencing import Abandoned, FreezeClock, Ownership
-from sink.offsets import Assignments
+from sink.pipeline.batch import Batch, Item, as_item
+from sink.pipeline.decode import Event
+from sink.pipeline.fencing import Abandoned, FreezeClock, Ownership
+from sink.pipeline.offsets import Assignments
 
 A = ("om_a_events", 0)
 B = ("om_a_events", 1)

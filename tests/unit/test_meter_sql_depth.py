@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sink.clickhouse import ServerFeatures
-from sink.decode import Event, decode
-from sink.meters import Meter, MeterSQL, member_pattern
+from sink.metering.meters import Meter, MeterSQL, member_pattern
+from sink.pipeline.decode import Event, decode
+from sink.stores.clickhouse.sql import ServerFeatures
 
 OLD = ServerFeatures((18, 16, 1))
 PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])

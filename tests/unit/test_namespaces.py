@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sink.config import KafkaConfig
-from sink.consumer import Namespaces
+from sink.pipeline.consumer import Namespaces
 
 DEFAULT_REGEX = KafkaConfig().topics_regex
 

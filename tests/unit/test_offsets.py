@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sink.batch import Batch
-from sink.offsets import Assignments
+from sink.pipeline.batch import Batch
+from sink.pipeline.offsets import Assignments
 
 A = ("om_a_events", 0)
 B = ("om_a_events", 1)

@@ -7,12 +7,12 @@ from collections.abc import Awaitable, Callable
 import pytest
 import structlog
 
-from sink.batch import Batch
 from sink.errors import ClickHouseRejected, ClickHouseUnavailable, RedisUnavailable
-from sink.fencing import Abandoned
-from sink.metrics import Metrics
-from sink.retry import Retry, jitter
-from sink.vitals import Vitals
+from sink.operations.metrics import Metrics
+from sink.operations.vitals import Vitals
+from sink.pipeline.batch import Batch
+from sink.pipeline.fencing import Abandoned
+from sink.pipeline.retry import Retry, jitter
 
 A = ("om_a_events", 0)
 

@@ -3,7 +3,7 @@ exercised by the fault suite's recreated-topic tests)."""
 
 from __future__ import annotations
 
-from sink.topics import TopicKeys, storage_key
+from sink.pipeline.topics import TopicKeys, storage_key
 
 OLD = "5713f51b4e534876a85217d1a35bf92f"
 NEW = "c1bce8d9b0ab46e6b88801518cfe7735"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from sink.batch import Batch, Item, Reject, as_item
-from sink.decode import Event, Rejection
-from sink.metrics import Metrics
-from sink.vitals import Vitals, count_topics
+from sink.operations.metrics import Metrics
+from sink.operations.vitals import Vitals, count_topics
+from sink.pipeline.batch import Batch, Item, Reject, as_item
+from sink.pipeline.decode import Event, Rejection
 
 A = ("om_a_events", 0)
 B = ("om_b_events", 0)

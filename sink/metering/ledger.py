@@ -6,7 +6,7 @@ Rows are only ever added; the newest row of a version (by `seq`) is its state:
 - `meter:<slug>`: `live cutoff=<epoch s> piece_rows=<n>` (its table and view exist, the
   backfill is still to do), then `applied`; `removed` once dropped.
 - `backfill:<slug>:<cutoff>`: `plan rows=<n> months=<n>`, `piece <yyyymm> <origin> <rows>`,
-  `month <yyyymm>` (progress, see `sink.backfill`).
+  `month <yyyymm>` (progress, see `sink.metering.backfill`).
 
 A meter's backfill records carry its cutoff, so a meter removed and added again starts a
 backfill of its own.
@@ -17,7 +17,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from sink.clickhouse import ClickHouse, quote
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.sql import quote
 
 APPLIED = "applied"
 REMOVED = "removed"

@@ -1,10 +1,10 @@
 """Where each partition's consumption starts, and when it must start again.
 
 A newly assigned partition is positioned from ClickHouse, not from Kafka's committed offset:
-at its landed offset + 1. Before that, its topic's storage key is settled (a topic deleted and
-created again is a new incarnation, see sink.topics), and a previous owner's interrupted insert
-is looked for. While records flow, each fetch must continue where the last one ended; a fetch
-that goes back means the log was replaced under us.
+at its landed offset + 1. Before that, its topic's storage key is settled (a topic deleted
+and created again is a new incarnation, see sink.pipeline.topics), and a previous owner's
+interrupted insert is looked for. While records flow, each fetch must continue where the
+last one ended; a fetch that goes back means the log was replaced under us.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from typing import Any
 
 from aiokafka import TopicPartition as KafkaTP
 
-from sink import dedup
-from sink.batch import Coordinates, TopicPartition
-from sink.clickhouse import OffsetStore
 from sink.config import Config
-from sink.metrics import Metrics
-from sink.offsets import Assignments
-from sink.topics import TopicKeys, topic_ids
+from sink.operations.metrics import Metrics
+from sink.pipeline.batch import Coordinates, TopicPartition
+from sink.pipeline.offsets import Assignments
+from sink.pipeline.topics import TopicKeys, topic_ids
+from sink.stores import dedup
+from sink.stores.clickhouse.landed import OffsetStore
 
 
 def names(tps: Sequence[TopicPartition] | set[TopicPartition]) -> list[str]:
@@ -129,7 +129,7 @@ class Positioning:
         return present
 
     async def _resolve_topics(self, tps: Sequence[TopicPartition]) -> dict[str, str]:
-        """Settle the storage keys of the topics being positioned (see sink.topics). If a
+        """Settle the storage keys of the topics being positioned (see sink.pipeline.topics). If a
         topic turns out to be a new incarnation, its other held partitions start over too."""
         topics = sorted({t for t, _ in tps})
         ids = await topic_ids(self.consumer._client, topics)  # aiokafka's client

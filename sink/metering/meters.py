@@ -17,7 +17,7 @@ from typing import Any, Literal, NamedTuple
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from sink.clickhouse import ServerFeatures, quote
+from sink.stores.clickhouse.sql import ServerFeatures, quote
 
 Aggregation = Literal["SUM", "COUNT", "MIN", "MAX", "UNIQUE_COUNT", "LATEST", "AVG"]
 NUMERIC = frozenset({"SUM", "MIN", "MAX", "LATEST", "AVG"})

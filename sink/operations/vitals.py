@@ -11,8 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sink.batch import FIELD_OF, TOPIC_OF, Batch, Item, TopicPartition
-from sink.metrics import Metrics
+from sink.operations.metrics import Metrics
+from sink.pipeline.batch import FIELD_OF, TOPIC_OF, Batch, Item, TopicPartition
 
 DEPENDENCIES = ("kafka", "redis", "clickhouse")
 

@@ -34,9 +34,10 @@ from datetime import UTC, datetime
 
 import structlog
 
-from sink.clickhouse import ClickHouse, quote
-from sink.ledger import Ledger, backfill_version, month_state, piece_state, plan_state
-from sink.meters import MeterSQL
+from sink.metering.ledger import Ledger, backfill_version, month_state, piece_state, plan_state
+from sink.metering.meters import MeterSQL
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.sql import quote
 
 log = structlog.get_logger("sink.backfill")
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from sink.batch import Batch, TopicPartition
+from sink.pipeline.batch import Batch, TopicPartition
 
 
 @dataclass

@@ -1,14 +1,15 @@
-"""Versioned schema migrations and meters, recorded in `schema_migrations` (`sink.ledger`).
+"""Versioned schema migrations and meters, recorded in `schema_migrations` (`sink.metering.ledger`).
 
 - Each migration has a version and a checksum of its SQL (rendered for a canonical server,
   so the checksum names the code's intent, not the server it ran on). A changed checksum of
   an applied migration stops the run with a clear message.
-- One migrator at a time holds the lease (`sink.lease`); one that dies is taken over within
+- One migrator at a time holds the lease (`sink.metering.lease`); one that dies is taken over within
   seconds. A schema that is already complete is never waited for.
 - Meters are migrations too (`meter:<slug>`), in two stages. *Live*: the meter's table and
   view exist, and the view counts every row stored from the meter's cutoff on; ingestion goes
-  on as usual. *Applied*: the rows stored before the cutoff are backfilled (`sink.backfill`),
-  in bounded, resumable pieces, so no row is counted twice or missed.
+  on as usual. *Applied*: the rows stored before the cutoff are backfilled
+  (`sink.metering.backfill`), in bounded, resumable pieces, so no row is counted twice or
+  missed.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from sink.backfill import Backfill, Progress, staging_tables
-from sink.clickhouse import ClickHouse, Schema, ServerFeatures, quote
 from sink.errors import ClickHouseUnavailable, MigrationError
-from sink.lease import Lease
-from sink.ledger import APPLIED, LIVE, REMOVED, Ledger, Live, meter_version
-from sink.meters import Meter, MeterSQL, view_cutoff
+from sink.metering.backfill import Backfill, Progress, staging_tables
+from sink.metering.lease import Lease
+from sink.metering.ledger import APPLIED, LIVE, REMOVED, Ledger, Live, meter_version
+from sink.metering.meters import Meter, MeterSQL, view_cutoff
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.schema import Schema
+from sink.stores.clickhouse.sql import ServerFeatures, quote
 
 log = structlog.get_logger("sink.migrations")
 

@@ -19,8 +19,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-from sink.clickhouse import ClickHouse, ServerFeatures, quote
-from sink.meters import Meter, MeterSQL
+from sink.metering.meters import Meter, MeterSQL
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.sql import ServerFeatures, quote
 
 Window = Literal["MINUTE", "HOUR", "DAY", "MONTH"]
 WINDOWS: tuple[Window, ...] = ("MINUTE", "HOUR", "DAY", "MONTH")

@@ -15,8 +15,8 @@
   `LeaseLost`.
 - A released lease (a row with state `released`) is free at once.
 
-Every step a migrator takes is idempotent (see `sink.backfill`), so the lease serialises the
-work and keeps it moving; it is not what keeps a meter exact.
+Every step a migrator takes is idempotent (see `sink.metering.backfill`), so the lease
+serialises the work and keeps it moving; it is not what keeps a meter exact.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from sink.clickhouse import ClickHouse, quote
 from sink.errors import ClickHouseUnavailable, DependencyError
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.sql import quote
 
 log = structlog.get_logger("sink.lease")
 

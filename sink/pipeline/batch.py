@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from sink.decode import Event, Rejection
+from sink.pipeline.decode import Event, Rejection
 
 TopicPartition = tuple[str, int]
 Coordinates = tuple[str, int, int]
@@ -63,7 +63,7 @@ class Batch:
     _bounds: tuple[list[Item], int, int, int] | None = None
     """(items, their number, lowest, highest event time in ms) when last taken."""
     grouping: Any = None
-    """The items grouped by identity as they are added (a sink.dedup.Grouping); a batch that
+    """The items grouped by identity as they are added (a sink.stores.dedup.Grouping); a batch that
     loses partitions is a new Batch, grouped again when it is claimed."""
 
     @property
@@ -140,7 +140,7 @@ def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, tuple[int, int]], 
 
 def pending_ranges(batch: Batch, behind: Batch | None = None) -> dict[TopicPartition, str]:
     """What `batch` may insert, per partition: `first:last:tmin:tmax` (offsets, event-time
-    seconds), written down before the insert (see sink.dedup.DedupStore). While the batch
+    seconds), written down before the insert (see sink.stores.dedup.DedupStore). While the batch
     `behind` it is still landing, a partition both hold starts at that batch's first offset
     and the times cover both batches."""
     if not batch.items:

@@ -1,8 +1,9 @@
 """The steps that land a batch's rows: the dedup claim, and the insert into ClickHouse.
 
-`sink.worker` puts them in the commit order. Both retry their dependency until it answers (or
-the batch's partitions all move away), and both are safe to run again for the same records: a
-claim finds a record's own marker, an insert after a failure first looks for what landed.
+`sink.pipeline.worker` puts them in the commit order. Both retry their dependency until it
+answers (or the batch's partitions all move away), and both are safe to run again for the
+same records: a claim finds a record's own marker, an insert after a failure first looks for
+what landed.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sink import decode as decoding
-from sink import dedup
-from sink.batch import (
+from sink.config import Config
+from sink.errors import ClickHouseRejected, DependencyError, RedisUnavailable
+from sink.operations.metrics import Metrics
+from sink.operations.vitals import Vitals
+from sink.pipeline import decode as decoding
+from sink.pipeline.batch import (
     Batch,
     Coordinates,
     Item,
@@ -23,15 +27,15 @@ from sink.batch import (
     pending_ranges,
     span,
 )
-from sink.clickhouse import EVENT_COLUMNS, ClickHouse, InsertWithdrawn, OffsetStore, event_columns
-from sink.config import Config
-from sink.consumer import DeadLetters, RebuiltRecord
-from sink.errors import ClickHouseRejected, DependencyError, RedisUnavailable
-from sink.fencing import Ownership
-from sink.metrics import Metrics
-from sink.retry import Retry
-from sink.topics import TopicKeys
-from sink.vitals import Vitals
+from sink.pipeline.consumer import DeadLetters, RebuiltRecord
+from sink.pipeline.fencing import Ownership
+from sink.pipeline.retry import Retry
+from sink.pipeline.topics import TopicKeys
+from sink.stores import dedup
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.landed import OffsetStore
+from sink.stores.clickhouse.native import InsertWithdrawn
+from sink.stores.clickhouse.schema import EVENT_COLUMNS, event_columns
 
 
 def describe(batch: Batch) -> list[str]:
@@ -89,7 +93,7 @@ class Landing:
     # ---------------------------------------------------------------- dedup
 
     async def claim(self, batch: Batch, behind: Batch | None = None) -> list[Item]:
-        """The rows of `batch` to keep: each identity's holder (see sink.dedup). `behind` is
+        """The rows of `batch` to keep: each identity's holder (see sink.stores.dedup). `behind` is
         the batch still landing ahead of this one, whose pending ranges the claim keeps."""
         if self.store is None or not batch.items:
             return batch.items

@@ -406,7 +406,7 @@ class Grouping:
         self.added += len(items)
         n = len(keys)
         topic, partition, at = self._last
-        # Items are sink.batch.Item rows, read by position: namespace 0, id 1, source 3,
+        # Items are sink.pipeline.batch.Item rows, read by position: namespace 0, id 1, source 3,
         # topic 8, partition 9, offset 10.
         for item in items:
             pair = (item[0], item[3])

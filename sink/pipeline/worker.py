@@ -4,8 +4,8 @@ Two tasks share the state. The poll loop fetches records, decodes them into the 
 seals batches when a trigger fires and pauses partitions when memory or a dependency says so;
 it never blocks on ClickHouse or Redis, so the consumer stays in its group. The flusher lands
 sealed batches one at a time, in order; `Worker._land` is the whole commit order. Its steps
-are in sink.landing, the fence in front of each insert in sink.fencing, where a partition
-starts in sink.positioning.
+are in sink.pipeline.landing, the fence in front of each insert in sink.pipeline.fencing,
+where a partition starts in sink.pipeline.positioning.
 """
 
 from __future__ import annotations
@@ -21,22 +21,24 @@ import structlog
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.errors import KafkaError
 
-from sink import decode as decoding
-from sink import dedup
-from sink.batch import Batch, Item, Reject, TopicPartition, Triggers, due
-from sink.clickhouse import ClickHouse, OffsetStore, topics_table
 from sink.config import Config
-from sink.consumer import DeadLetters, Namespaces, full_record
 from sink.errors import DependencyError
-from sink.fencing import Abandoned, Ownership
-from sink.landing import Landing, describe
-from sink.meters import MeterIndex
-from sink.metrics import Metrics
-from sink.offsets import Assignments
-from sink.positioning import Positioning, names
-from sink.retry import Retry, jitter
-from sink.topics import TopicKeys
-from sink.vitals import Vitals
+from sink.metering.meters import MeterIndex
+from sink.operations.metrics import Metrics
+from sink.operations.vitals import Vitals
+from sink.pipeline import decode as decoding
+from sink.pipeline.batch import Batch, Item, Reject, TopicPartition, Triggers, due
+from sink.pipeline.consumer import DeadLetters, Namespaces, full_record
+from sink.pipeline.fencing import Abandoned, Ownership
+from sink.pipeline.landing import Landing, describe
+from sink.pipeline.offsets import Assignments
+from sink.pipeline.positioning import Positioning, names
+from sink.pipeline.retry import Retry, jitter
+from sink.pipeline.topics import TopicKeys
+from sink.stores import dedup
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.landed import OffsetStore
+from sink.stores.clickhouse.schema import topics_table
 
 log = structlog.get_logger("sink.worker")
 
@@ -456,7 +458,7 @@ class Worker:
         landing = self.landing
         await self.retry(lambda: landing.dead_letters.send(batch.rejects), batch)
         kept, already = landing.split_already_landed(batch, kept)
-        landed, poisoned = await landing.insert(batch, kept)  # fenced, see sink.fencing
+        landed, poisoned = await landing.insert(batch, kept)  # fenced, see sink.pipeline.fencing
         landed += already
         batch = batch.without(self.assignments.lost(batch))
         tail = batch.tail_offsets(landed)

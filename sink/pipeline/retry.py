@@ -12,11 +12,11 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sink.batch import Batch
 from sink.errors import DependencyError
-from sink.fencing import Abandoned
-from sink.metrics import Metrics
-from sink.vitals import Vitals
+from sink.operations.metrics import Metrics
+from sink.operations.vitals import Vitals
+from sink.pipeline.batch import Batch
+from sink.pipeline.fencing import Abandoned
 
 T = TypeVar("T")
 

@@ -29,8 +29,9 @@ from aiokafka.protocol.types import (
     TaggedFields,
 )
 
-from sink.clickhouse import ClickHouse, quote
 from sink.errors import KafkaUnavailable
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.sql import quote
 
 _ZERO_ID = bytes(16)
 

@@ -16,9 +16,9 @@ from aiokafka.consumer import fetcher
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from aiokafka.structs import ConsumerRecord
 
-from sink.batch import Item, Reject
 from sink.config import Config, KafkaConfig
 from sink.errors import KafkaUnavailable
+from sink.pipeline.batch import Item, Reject
 
 
 def security(kafka: KafkaConfig) -> dict[str, Any]:

@@ -12,8 +12,8 @@ import asyncio
 import time
 from typing import Any
 
-from sink.batch import Batch, Item
-from sink.offsets import Assignments
+from sink.pipeline.batch import Batch, Item
+from sink.pipeline.offsets import Assignments
 
 
 class Abandoned(Exception):

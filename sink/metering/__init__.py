@@ -1,0 +1,2 @@
+"""Metering: meter definitions and their SQL, migrations, backfills, the migration lease and
+ledger, usage queries."""

@@ -1,0 +1,1 @@
+"""Operations: health endpoints, metrics, vitals, logs."""

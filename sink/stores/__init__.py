@@ -1,0 +1,1 @@
+"""The stores: ClickHouse (raw table, landed offsets) and the Redis dedup store."""

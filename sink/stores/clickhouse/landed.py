@@ -1,0 +1,87 @@
+"""The landed-offset ledger in ClickHouse, the source of truth for what landed: the offsets
+table (written by the raw table's view for inserted rows, and directly for ranges that gave no
+row) and the coordinates already in the raw table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.sql import quote
+
+OFFSET_COLUMNS = ("topic", "kafka_partition", "landed_offset")
+
+
+class StorageKeys(Protocol):
+    """Kafka topic name <-> the name rows and offsets are stored under (`sink.pipeline.topics`)."""
+
+    def key(self, name: str) -> str: ...
+
+    def name(self, key: str) -> str: ...
+
+
+class PlainNames:
+    """Every topic stored under its own name."""
+
+    def key(self, name: str) -> str:
+        return name
+
+    def name(self, key: str) -> str:
+        return key
+
+
+class OffsetStore:
+    """Reads and writes landed offsets in ClickHouse, the source of truth for what landed.
+    Takes and returns Kafka topic names; stores under their storage keys."""
+
+    def __init__(self, ch: ClickHouse, offsets_table: str, keys: StorageKeys | None = None) -> None:
+        self.ch = ch
+        self.table = offsets_table
+        self.keys = keys or PlainNames()
+
+    async def landed(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+        if not topics:
+            return {}
+        names = ", ".join(quote(self.keys.key(t)) for t in sorted(set(topics)))
+        rows = await self.ch.query(
+            f"SELECT topic, kafka_partition, max(landed_offset) FROM {self.ch.table(self.table)} "
+            f"WHERE topic IN ({names}) GROUP BY topic, kafka_partition"
+        )
+        return {(self.keys.name(str(t)), int(p)): int(o) for t, p, o in rows}
+
+    async def present(
+        self,
+        events_table: str,
+        ranges: Mapping[tuple[str, int], tuple[int, int]],
+        time_bounds: tuple[int, int],
+    ) -> set[tuple[str, int, int]]:
+        """Coordinates within `ranges` that are already in the raw table. Bounded by the
+        rows' event time (epoch seconds) so only the months concerned are read."""
+        if not ranges:
+            return set()
+        key = self.keys.key
+        which = " OR ".join(
+            f"(_topic = {quote(key(t))} AND _partition = {p} "
+            f"AND _offset BETWEEN {first} AND {last})"
+            for (t, p), (first, last) in sorted(ranges.items())
+        )
+        low, high = time_bounds
+        rows = await self.ch.query(
+            f"SELECT _topic, _partition, _offset FROM {self.ch.table(events_table)} "
+            f"WHERE time >= toDateTime({int(low)}) AND time < toDateTime({int(high) + 1}) "
+            f"AND ({which})"
+        )
+        return {(self.keys.name(str(t)), int(p), int(o)) for t, p, o in rows}
+
+    async def record(self, landed: Mapping[tuple[str, int], int]) -> None:
+        """Write offsets of ranges that produced no raw rows (duplicates, dead letters)."""
+        if not landed:
+            return
+        items = sorted(landed.items())
+        data: list[list[Any]] = [
+            [self.keys.key(t) for (t, _), _ in items],
+            [p for (_, p), _ in items],
+            [o for _, o in items],
+        ]
+        await self.ch.insert_columns(self.table, OFFSET_COLUMNS, data)
