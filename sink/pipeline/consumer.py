@@ -61,10 +61,18 @@ class _PartitionRecords(fetcher.PartitionRecords):  # type: ignore[misc]
         return self
 
 
-# Consumers without the marker are untouched. Should aiokafka drop this hook, the marker is a
-# plain identity deserializer and fetches hand out ConsumerRecords again.
-if callable(getattr(fetcher.PartitionRecords, "_consumer_record", None)):
+def adapt_fetcher() -> bool:
+    """Let aiokafka's fetcher hand out records as parsed to consumers marked with `as_parsed`
+    (the fetcher builds its per-partition record lists from this module attribute). Consumers
+    without the marker are untouched. Should aiokafka drop the hook, nothing is changed, the
+    marker is a plain identity deserializer and fetches hand out ConsumerRecords again; the
+    unit tests fail first. True when the adaptation is in place."""
+    if fetcher.PartitionRecords is _PartitionRecords:
+        return True
+    if not callable(getattr(fetcher.PartitionRecords, "_consumer_record", None)):
+        return False
     fetcher.PartitionRecords = _PartitionRecords
+    return True
 
 
 def full_record(topic: str, partition: int, record: Any) -> ConsumerRecord[bytes, bytes]:
@@ -115,6 +123,7 @@ def _rfc3339(ms: int) -> str:
 
 def make_consumer(config: Config) -> AIOKafkaConsumer:
     k = config.kafka
+    adapt_fetcher()
     return AIOKafkaConsumer(
         bootstrap_servers=k.bootstrap_servers,
         group_id=k.group_id,

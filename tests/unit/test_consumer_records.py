@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 from aiokafka.consumer import fetcher
@@ -9,7 +11,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
-from sink.pipeline.consumer import as_parsed, full_record
+from sink.pipeline.consumer import adapt_fetcher, as_parsed, full_record
 
 TP = TopicPartition("usage", 3)
 
@@ -28,6 +30,7 @@ def _builder() -> DefaultRecordBatchBuilder:
 
 
 def _fetched(value_deserializer: Any) -> list[Any]:
+    assert adapt_fetcher(), "aiokafka's fetcher no longer has the hook the worker adapts"
     builder = _builder()
     builder.append(0, timestamp=1_000, key=b"k0", value=b"v0", headers=[("h", b"1")])
     builder.append(1, timestamp=1_001, key=None, value=None, headers=[])
@@ -89,3 +92,12 @@ def test_a_fetch_read_in_parts_resumes_where_it_stopped() -> None:
         assert [r.offset for r in partition] == [2, 3, 4]
         assert partition.next_fetch_offset == 5
         assert first == [0, 1]
+
+
+def test_importing_the_consumer_module_changes_nothing_in_aiokafka() -> None:
+    code = (
+        "import aiokafka.consumer.fetcher as f; stock = f.PartitionRecords; "
+        "import sink.pipeline.consumer as c; assert f.PartitionRecords is stock; "
+        "assert c.adapt_fetcher() and f.PartitionRecords is not stock"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
