@@ -86,7 +86,7 @@ async def insert(p: dict[str, Any]) -> dict[str, Any]:
     from sink.pipeline.batch import Item
     from sink.pipeline.consumer import Namespaces
     from sink.stores.clickhouse.connection import ClickHouse
-    from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns
+    from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns, time_divisor
     from sink.stores.dedup import identity_key
 
     spec = Spec(**p["spec"])
@@ -112,13 +112,14 @@ async def insert(p: dict[str, Any]) -> dict[str, Any]:
     try:
         features = await ch.features()
         await Schema(ch, features, "events", "sink_offsets").apply()
+        divisor = await time_divisor(ch, "events")
         rows = int(p["batch_rows"])
         cpu0 = time.process_time()
         columns_s = insert_s = 0.0
         t0 = time.monotonic()
         for start in range(0, len(items), rows):
             c0 = time.monotonic()
-            data = event_columns(items[start : start + rows], features.time_unit)
+            data = event_columns(items[start : start + rows], divisor)
             c1 = time.monotonic()
             await ch.insert_columns("events", EVENT_COLUMNS, data)
             columns_s += c1 - c0
@@ -149,7 +150,7 @@ async def naive(p: dict[str, Any]) -> dict[str, Any]:
     from sink.pipeline.batch import Item
     from sink.pipeline.consumer import Namespaces
     from sink.stores.clickhouse.connection import ClickHouse
-    from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns
+    from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns, time_divisor
     from sink.stores.dedup import coordinates, identity_key
 
     limit = int(p["limit"])
@@ -158,6 +159,7 @@ async def naive(p: dict[str, Any]) -> dict[str, Any]:
     ch = ClickHouse(p["clickhouse"], connect_timeout=10, query_timeout=300)
     features = await ch.features()
     await Schema(ch, features, "events", "sink_offsets").apply()
+    divisor = await time_divisor(ch, "events")
     redis = redis_async.Redis.from_url(p["redis"])
     consumer = AIOKafkaConsumer(
         *p["topics"],
@@ -204,9 +206,7 @@ async def naive(p: dict[str, Any]) -> dict[str, Any]:
                     else:
                         duplicates += 1
             if rows:
-                await ch.insert_columns(
-                    "events", EVENT_COLUMNS, event_columns(rows, features.time_unit)
-                )
+                await ch.insert_columns("events", EVENT_COLUMNS, event_columns(rows, divisor))
                 inserted += len(rows)
             await consumer.commit()
         end = time.monotonic()

@@ -14,7 +14,7 @@ from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from sink.config import Config
-from sink.errors import ClickHouseUnavailable, DependencyError, KafkaUnavailable, SinkError
+from sink.errors import DependencyError, KafkaUnavailable, SinkError
 from sink.metering.backfill import Progress
 from sink.metering.migrations import Migrator, Plan
 from sink.operations.health import HealthServer, Starting
@@ -22,7 +22,8 @@ from sink.operations.metrics import Metrics
 from sink.pipeline.consumer import DeadLetters, ensure_topic, make_consumer, make_producer, security
 from sink.pipeline.worker import Worker
 from sink.stores.clickhouse.connection import ClickHouse
-from sink.stores.clickhouse.sql import ServerFeatures, quote
+from sink.stores.clickhouse.schema import time_divisor
+from sink.stores.clickhouse.sql import ServerFeatures
 from sink.stores.dedup import RedisDedup
 
 T = TypeVar("T")
@@ -309,18 +310,6 @@ async def _collect_garbage(interval: float = _GC_INTERVAL) -> None:
     while True:
         await asyncio.sleep(interval)
         gc.collect()
-
-
-async def time_divisor(ch: ClickHouse, events_table: str) -> int:
-    """From epoch milliseconds to the unit of the table's `time` column as it exists (a table
-    made on an older server keeps DateTime after the server is upgraded)."""
-    rows = await ch.query(
-        "SELECT type FROM system.columns WHERE database = "
-        f"{quote(ch.database)} AND table = {quote(events_table)} AND name = 'time'"
-    )
-    if not rows:
-        raise ClickHouseUnavailable(f"table {events_table} has no column `time` (not migrated?)")
-    return 1 if str(rows[0][0]).startswith("DateTime64") else 1000
 
 
 async def check(config: Config) -> tuple[dict[str, str | None], list[str]]:

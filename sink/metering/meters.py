@@ -171,7 +171,7 @@ def member_pattern(name: str) -> str:
     Depth one by construction: from the opening brace the prefix consumes whole scalar members
     only, so the match never starts inside an object, an array or a string, and a nested or
     quoted `"name":` is never read. The worker writes top-level scalars before any object or
-    array (`decode.flat_first`), so every top-level scalar is reachable. The group keeps the
+    array (`decode.validate`), so every top-level scalar is reachable. The group keeps the
     character that ends the member because 18.16's `visitParamExtractRaw` crashes the server
     on a value that ends its input."""
     key = re.escape(f'"{json_key(name)}":')

@@ -25,13 +25,6 @@ Item = Event
 per row, made by the decoder)."""
 
 
-def as_item(event: Event, topic: str, partition: int, offset: int, timestamp_ms: int) -> Item:
-    """The event as a row of the given record."""
-    return event._replace(
-        topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp_ms
-    )
-
-
 class Reject(NamedTuple):
     """A record that goes to the dead-letter topic, with what it needs to be resent."""
 
@@ -56,7 +49,6 @@ class Batch:
     rejects: list[Reject] = field(default_factory=list)
     nbytes: int = 0
     created: float = field(default_factory=time.monotonic)
-    sealed: float = 0.0
     recovered: bool = False
     """Some rows were found already in ClickHouse (an insert whose outcome was unknown); the
     landed offsets must then be written for every partition, the view may not have run."""
@@ -85,7 +77,7 @@ class Batch:
         gone = set(tps) & self.ranges.keys()
         if not gone:
             return self
-        kept = Batch(created=self.created, sealed=self.sealed, recovered=self.recovered)
+        kept = Batch(created=self.created, recovered=self.recovered)
         kept.ranges = {tp: r for tp, r in self.ranges.items() if tp not in gone}
         kept.items = [i for i in self.items if (i.topic, i.partition) not in gone]
         kept.rejects = [r for r in self.rejects if (r.record.topic, r.record.partition) not in gone]

@@ -273,16 +273,13 @@ _CONTAINERS = (dict, list)
 _WIDE = 2.0**63
 
 
-def flat_first(data: dict[str, Any]) -> dict[str, Any]:
-    """Top-level scalars before objects and arrays: without JSONExtract (ClickHouse 18.16) a
-    meter reads a property by stepping over whole scalar members from the start of the text
-    (`meters.member_pattern`), so a top-level scalar after a container could not be read."""
-    return _inspect(data)[0]
-
-
 def _inspect(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-    """`data` with scalars first, and whether it holds a float that may have been an integer
-    beyond 64 bits (orjson reads those as floats; they are then checked exactly)."""
+    """`data` with its top-level scalars first, and whether it holds a float that may have been
+    an integer beyond 64 bits (orjson reads those as floats; they are then checked exactly).
+
+    Scalars first: on servers without JSONExtract a meter reaches a top-level property by
+    stepping over the scalar members before it (`sink.metering.meters.member_pattern`), so
+    every top-level scalar must come before any object or array."""
     nested = False
     suspicious = False
     for v in data.values():

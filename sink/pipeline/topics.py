@@ -163,7 +163,6 @@ class TopicKeys:
         self.table = table
         self._keys: dict[str, str] = {}
         self._names: dict[str, str] = {}
-        self.ids: dict[str, str] = {}
 
     def key(self, name: str) -> str:
         return self._keys.get(name, name)
@@ -199,8 +198,6 @@ class TopicKeys:
             self._names.pop(self.key(name), None)
             self._keys[name] = key
             self._names[key] = name
-            if topic_id is not None:
-                self.ids[name] = topic_id
         if new and self.ch is not None:
             await self.ch.insert_columns(
                 self.table,

@@ -302,7 +302,6 @@ class Worker:
 
     def _seal(self) -> None:
         if self._open:
-            self._open.sealed = time.monotonic()
             self._sealed.append(self._open)
             self._open = Batch()
             self._wake_flusher.set()

@@ -28,11 +28,11 @@ from sink.metering.meters import (
     member_pattern,
     path,
 )
-from sink.pipeline.decode import flat_first
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.sql import ServerFeatures, quote
 from tests.integration.test_meters import aggregate, observed, send
 from tests.integration.workload import wait_landed
+from tests.items import flat_first
 
 BASE = datetime(2026, 3, 31, 23, 30, tzinfo=UTC)  # spans minutes, a day and a month end
 TYPE = "usage"

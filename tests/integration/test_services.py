@@ -12,12 +12,12 @@ import redis.asyncio as redis_async
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from sink.errors import ClickHouseUnavailable
-from sink.pipeline.batch import as_item
 from sink.pipeline.decode import Event
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.native import InsertWithdrawn
-from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns
+from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns, time_divisor
 from tests.conftest import Services
+from tests.items import as_item
 
 
 async def test_kafka_produce_consume_and_commit(
@@ -129,7 +129,7 @@ async def test_event_columns_round_trip_through_the_native_insert(
         )
         for i, ns in enumerate(["acme", "globex", ""] * 40)
     ]
-    columns = event_columns(items, features.time_unit)
+    columns = event_columns(items, await time_divisor(clickhouse_db, "events"))
     assert await clickhouse_db.insert_columns("events", EVENT_COLUMNS, columns) == len(items)
     selected = [
         f"toUnixTimestamp({c})" if c in ("time", "ingested_at") else c for c in EVENT_COLUMNS

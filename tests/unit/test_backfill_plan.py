@@ -33,7 +33,7 @@ histograms = st.lists(
 ).map(lambda items: sorted((JAN_31_23H - 45 * 1440 + m, n) for m, n in items))
 
 
-@given(histograms, st.integers(1, 6000))
+@given(histograms, st.integers(50, 6000))
 def test_every_row_is_in_exactly_one_piece_and_pieces_are_bounded(
     histogram: list[tuple[int, int]], piece_rows: int
 ) -> None:

@@ -6,13 +6,14 @@ import asyncio
 
 import pytest
 
-from sink.pipeline.batch import Item, as_item
+from sink.pipeline.batch import Item
 from sink.pipeline.decode import Event
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.landed import OFFSET_COLUMNS
 from sink.stores.clickhouse.native import string_column
 from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns
 from sink.stores.clickhouse.sql import ServerFeatures, parse_version, quote
+from tests.items import as_item
 
 OLD = ServerFeatures((18, 16, 1))
 NEW = ServerFeatures((23, 8, 2))
@@ -52,36 +53,27 @@ def test_parse_version(text: str, version: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "datetime64", "low_cardinality", "json_extract", "dedup_token", "unit"),
+    ("version", "datetime64", "low_cardinality", "json_extract"),
     [
-        ((18, 16, 1), False, False, False, False, 1000),
-        ((19, 17, 6), False, False, False, False, 1000),
-        ((20, 1), True, True, True, False, 1),
-        ((22, 3, 9), True, True, True, False, 1),
-        ((22, 4), True, True, True, True, 1),
-        ((23, 8, 2), True, True, True, True, 1),
-        ((0,), False, False, False, False, 1000),
+        ((18, 16, 1), False, False, False),
+        ((19, 17, 6), False, False, False),
+        ((20, 1), True, True, True),
+        ((23, 8, 2), True, True, True),
+        ((0,), False, False, False),
     ],
 )
 def test_server_features(
-    version: tuple[int, ...],
-    datetime64: bool,
-    low_cardinality: bool,
-    json_extract: bool,
-    dedup_token: bool,
-    unit: int,
+    version: tuple[int, ...], datetime64: bool, low_cardinality: bool, json_extract: bool
 ) -> None:
     features = ServerFeatures(version)
     assert features.datetime64 is datetime64
     assert features.low_cardinality is low_cardinality
     assert features.json_extract is json_extract
-    assert features.dedup_token is dedup_token
-    assert features.time_unit == unit
 
 
 def test_version_string_to_features() -> None:
     assert not ServerFeatures(parse_version("18.16.1")).datetime64
-    assert ServerFeatures(parse_version("23.8.2.7")).dedup_token
+    assert ServerFeatures(parse_version("23.8.2.7")).json_extract
 
 
 # --- schema statements ----------------------------------------------------------------------
@@ -190,7 +182,7 @@ def test_event_columns_order_and_values_with_millisecond_time() -> None:
 
 
 def test_event_columns_in_seconds_for_old_servers() -> None:
-    columns = event_columns([item(1, 1_700_000_000_999, 1_700_000_001_001)], OLD.time_unit)
+    columns = event_columns([item(1, 1_700_000_000_999, 1_700_000_001_001)], 1000)
     by_name = {name: list(c) for name, c in zip(EVENT_COLUMNS, columns, strict=True)}
     assert by_name["time"] == [1_700_000_000]
     assert by_name["ingested_at"] == [1_700_000_001]

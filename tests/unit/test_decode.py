@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from sink.pipeline import decode as d
-from sink.pipeline.decode import Event, Rejection, decode, flat_first
+from sink.pipeline.decode import Event, Rejection, decode
+from tests.items import flat_first
 
 NS = "acme"
 LIMIT = 1024 * 1024

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sink.pipeline import decode as d
-from sink.pipeline.decode import Event, Rejection, decode, flat_first
+from sink.pipeline.decode import Event, Rejection, decode
+from tests.items import flat_first
 
 NS = "ns"
 LIMIT = 1024 * 1024

@@ -12,10 +12,11 @@ import hiredis
 import pytest
 
 from sink.errors import RedisUnavailable
-from sink.pipeline.batch import Item, as_item
+from sink.pipeline.batch import Item
 from sink.pipeline.decode import Event
 from sink.stores import dedup
 from sink.stores.dedup import Grouping, MemoryDedup, coordinates, group, identity_key, keep
+from tests.items import as_item
 
 PREFIX = b"sink:dedup:"
 

@@ -7,10 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from sink.pipeline.batch import Batch, Item, as_item
+from sink.pipeline.batch import Batch, Item
 from sink.pipeline.decode import Event
 from sink.pipeline.fencing import Abandoned, FreezeClock, Ownership
 from sink.pipeline.offsets import Assignments
+from tests.items import as_item
 
 A = ("om_a_events", 0)
 B = ("om_a_events", 1)

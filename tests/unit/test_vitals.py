@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 from sink.operations.metrics import Metrics
 from sink.operations.vitals import Vitals, count_topics
-from sink.pipeline.batch import Batch, Item, Reject, as_item
+from sink.pipeline.batch import Batch, Item, Reject
 from sink.pipeline.decode import Event, Rejection
+from tests.items import as_item
 
 A = ("om_a_events", 0)
 B = ("om_b_events", 0)

@@ -8,10 +8,11 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+from sink.errors import ClickHouseUnavailable
 from sink.pipeline.decode import Event
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.landed import StorageKeys
-from sink.stores.clickhouse.sql import ServerFeatures
+from sink.stores.clickhouse.sql import ServerFeatures, quote
 
 EVENT_COLUMNS = (
     "namespace",
@@ -107,6 +108,18 @@ ORDER BY (topic, topic_id)""",
             await self.ch.execute(sql)
             done.append(sql)
         return done
+
+
+async def time_divisor(ch: ClickHouse, events_table: str) -> int:
+    """From epoch milliseconds to the unit of the table's `time` column as it exists (a table
+    made on an older server keeps DateTime after the server is upgraded)."""
+    rows = await ch.query(
+        "SELECT type FROM system.columns WHERE database = "
+        f"{quote(ch.database)} AND table = {quote(events_table)} AND name = 'time'"
+    )
+    if not rows:
+        raise ClickHouseUnavailable(f"table {events_table} has no column `time` (not migrated?)")
+    return 1 if str(rows[0][0]).startswith("DateTime64") else 1000
 
 
 def topics_table(offsets_table: str) -> str:

@@ -29,16 +29,6 @@ class ServerFeatures:
     def json_extract(self) -> bool:
         return self.version >= (20, 1)
 
-    @property
-    def dedup_token(self) -> bool:
-        """`insert_deduplication_token` with `non_replicated_deduplication_window`."""
-        return self.version >= (22, 4)
-
-    @property
-    def time_unit(self) -> int:
-        """Divisor from epoch milliseconds to the stored time column's unit."""
-        return 1 if self.datetime64 else 1000
-
 
 def parse_version(text: str) -> tuple[int, ...]:
     parts = re.findall(r"\d+", text)[:3]
