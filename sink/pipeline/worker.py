@@ -43,10 +43,9 @@ from sink.stores.clickhouse.schema import topics_table
 log = structlog.get_logger("sink.worker")
 
 FETCH_RECORDS = 100
-"""Records the poll loop takes from aiokafka at a time. The loop yields after each take, and
-every await of the flusher (a claim's replies, each step of an insert) waits for the take in
-progress: 500 at a time, about 8 ms of decoding, made a 25,000-row insert take turns of the
-event loop long enough to hold the poll loop back."""
+"""Records the poll loop takes from aiokafka at a time. The poll loop yields to the flusher
+after each take, so one take's decoding is the longest any await of the flusher (a claim's
+replies, each step of an insert) waits for it; the size is measured in docs/performance.md."""
 
 
 class Worker:

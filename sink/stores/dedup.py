@@ -29,15 +29,11 @@ from redis.exceptions import RedisError, ResponseError
 from sink.errors import RedisUnavailable
 
 # A claim is one `SET key coords NX GET EX ttl` per identity, each atomic on its own, sent as
-# plain commands, up to 10,000 to a write and its round trip, after the `SET range EX ttl` of each
-# pending range. Plain commands cost Redis less than the same SETs issued from a Lua script, which
-# copies each argument into and out of Lua (in the benchmark, Redis spent 7.4-8.2 CPU s per
-# million events instead of 10.1-10.5). The client's share stays small: the commands are framed by
-# one C-level join; replies that are all "no marker" are recognised as bytes, and any others are
-# parsed by hiredis in one C-level loop, after which only the identities that had a marker are
-# looked at.
-# (The identities of a batch span hash slots: the store needs a standalone Redis; Redis
-# Cluster is not supported, see docs/operating.md.)
+# plain commands (a Lua script would copy every argument into and out of Lua), up to 10,000 to
+# a write and its round trip, after the `SET range EX ttl` of each pending range. The commands
+# are framed by one C-level join; replies that are all "no marker" are recognised as bytes, any
+# others parsed by hiredis in one C-level loop. The identities of a batch span hash slots: the
+# store needs a standalone Redis (Redis Cluster is not supported, see docs/operating.md).
 
 
 class _BulkHeads(dict[int, bytes]):

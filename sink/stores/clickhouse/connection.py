@@ -58,11 +58,9 @@ class ClickHouse:
             raise ConfigError(f"clickhouse.url: {exc}") from None
         self.database: str = params.pop("database", "default")
         params.setdefault("connect_timeout", connect_timeout)
-        # No per-read or per-write timeout in the driver: it would wrap every read and every
-        # drain in a task of its own (asyncio.wait_for), and each costs turns of the event
-        # loop, each as long as the poll loop's work between two yields (a 25,000-row insert
-        # took some 0.1 s longer that way). `_guard` bounds each query as a whole instead.
-        # A URL may still set one.
+        # `_guard` bounds each query as a whole (query_timeout). The driver's own per-read
+        # timeout would put every socket read and drain in a task of its own, each costing
+        # turns of the event loop that the poll loop shares; a URL may still set one.
         params.setdefault("send_receive_timeout", None)
         if compression != "none":
             params["compression"] = compression
