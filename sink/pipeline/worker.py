@@ -3,9 +3,10 @@
 Two tasks share the state. The poll loop fetches records, decodes them into the open batch,
 seals batches when a trigger fires and pauses partitions when memory or a dependency says so;
 it never blocks on ClickHouse or Redis, so the consumer stays in its group. The flusher lands
-sealed batches one at a time, in order; `Worker._land` is the whole commit order. Its steps
-are in sink.pipeline.landing, the fence in front of each insert in sink.pipeline.fencing,
-where a partition starts in sink.pipeline.positioning.
+sealed batches one at a time, in order; `Worker._land` is the whole commit order, step by
+numbered step, with the guarantee each step gives. The steps' work is in
+sink.pipeline.landing, the fence in front of each insert in sink.pipeline.fencing, where a
+partition starts in sink.pipeline.positioning.
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ class Worker:
         self._open = Batch()
         self._sealed: deque[Batch] = deque()
         self._flushing: Batch | None = None
+        self._ahead: tuple[Batch, asyncio.Task[list[Item] | None]] | None = None
+        """The next batch and its claim, made while the current one lands."""
         self._wake_flusher = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -403,9 +406,7 @@ class Worker:
     # ---------------------------------------------------------------- flush side
 
     async def _flush_loop(self) -> None:
-        """Batches land one at a time, in order; the dedup claim of the next sealed batch
-        runs while the current one is inserted, so Redis and ClickHouse work at once."""
-        ahead: tuple[Batch, asyncio.Task[list[Item] | None]] | None = None
+        """Batches land one at a time, in the order they were sealed (`_land`)."""
         try:
             while True:
                 if not self._sealed:
@@ -415,22 +416,8 @@ class Worker:
                     continue
                 batch = self._sealed.popleft()
                 self._flushing = batch
-                started = time.monotonic()
                 try:
-                    kept = None
-                    if ahead is not None:
-                        early, claim = ahead
-                        ahead = None
-                        if early is batch:
-                            kept = await claim
-                        else:  # the batch changed (partitions revoked): claim what is left
-                            claim.cancel()
-                    if kept is None:
-                        kept = await self.landing.claim(batch)
-                    if self._sealed:
-                        following = self._sealed[0]
-                        ahead = (following, asyncio.create_task(self._claim(following, batch)))
-                    await self._land(batch, kept, started)
+                    await self._land(batch, time.monotonic())
                 except Abandoned:
                     self.metrics.batches_dropped.inc()
                     self.log.info("batch dropped: partitions moved", ranges=describe(batch))
@@ -438,33 +425,69 @@ class Worker:
                     self._flushing = None
                     self._room.set()
         finally:
-            if ahead is not None:
-                ahead[1].cancel()
+            if self._ahead is not None:
+                self._ahead[1].cancel()
 
-    async def _claim(self, batch: Batch, behind: Batch) -> list[Item] | None:
-        """Dedup of `batch` while `behind` is still landing; None if it must be done again.
-        (Claiming is idempotent: a record finds its own coordinates on a second claim.)"""
+    async def _land(self, batch: Batch, started: float) -> None:
+        """The commit order, exactly once. Each step retries its dependency until it answers;
+        a batch whose partitions all moved away is abandoned (`Abandoned`), and the next owner
+        replays it from the offsets ClickHouse has."""
+        landing = self.landing
+        # 1. Claim each identity in Redis: its marker names the record that holds it, and the
+        #    records kept are the holders, so a replay after a crash keeps its own records and
+        #    drops only real duplicates. The batch's offset ranges are written down with the
+        #    claim (pending), so a new owner finds an insert this worker did not finish.
+        kept = await self._claimed(batch)
+        # 2. Dead letters: invalid records go to the dead-letter topic before their offsets
+        #    can be committed (at least once).
+        await self.retry(lambda: landing.dead_letters.send(batch.rejects), batch)
+        # 3. Rows that an earlier insert of these records landed (its outcome was unknown) are
+        #    not inserted again.
+        kept, already = landing.split_already_landed(batch, kept)
+        # 4. Fence and insert: one columnar block, sent only while this worker still owns every
+        #    partition in the epoch its records were read in (`sink.pipeline.fencing`, checked
+        #    at the last moment of the insert). Rows ClickHouse refuses are bisected out and
+        #    dead-lettered. The raw table's view moves the landed offsets in the same INSERT.
+        landed, poisoned = await landing.insert(batch, kept)
+        landed += already
+        batch = batch.without(self.assignments.lost(batch))
+        # 5. Landed offsets of ranges that gave no row (duplicates, dead letters) are written
+        #    directly: a restart starts after them.
+        tail = batch.tail_offsets(landed)
+        await self.retry(lambda: landing.offsets.record(tail), batch)
+        self.assignments.advance({tp: r.last for tp, r in batch.ranges.items()})
+        # 6. Kafka offsets (last + 1) are committed: only the fallback position, ClickHouse's
+        #    landed offsets are the truth.
+        await self._commit(batch)
+        summary = self.vitals.landed(batch, landed, poisoned, time.monotonic() - started)
+        self.log.info("batch landed", ranges=describe(batch), **summary)
+
+    async def _claimed(self, batch: Batch) -> list[Item]:
+        """Step 1 for `batch`: the claim made ahead for it while the batch before it was being
+        inserted, or a claim now; then the claim of the next sealed batch starts ahead, so
+        Redis and ClickHouse work at once. (Claiming is idempotent: a record finds its own
+        coordinates on a second claim.)"""
+        kept = None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            early, claim = ahead
+            if early is batch:
+                kept = await claim
+            else:  # the batch changed (partitions revoked): claim what is left
+                claim.cancel()
+        if kept is None:
+            kept = await self.landing.claim(batch)
+        if self._sealed:
+            following = self._sealed[0]
+            self._ahead = (following, asyncio.create_task(self._claim_ahead(following, batch)))
+        return kept
+
+    async def _claim_ahead(self, batch: Batch, behind: Batch) -> list[Item] | None:
+        """The claim of `batch` while `behind` is still landing; None if it must be made again."""
         try:
             return await self.landing.claim(batch, behind)
         except Abandoned:
             return None
-
-    async def _land(self, batch: Batch, kept: list[Item], started: float) -> None:
-        """The commit order: dedup (done by the caller) -> dead letters -> fence -> insert ->
-        landed offsets -> Kafka commit. Each step retries its dependency until it answers; a
-        batch whose partitions all moved away is abandoned (the next owner replays it)."""
-        landing = self.landing
-        await self.retry(lambda: landing.dead_letters.send(batch.rejects), batch)
-        kept, already = landing.split_already_landed(batch, kept)
-        landed, poisoned = await landing.insert(batch, kept)  # fenced, see sink.pipeline.fencing
-        landed += already
-        batch = batch.without(self.assignments.lost(batch))
-        tail = batch.tail_offsets(landed)
-        await self.retry(lambda: landing.offsets.record(tail), batch)
-        self.assignments.advance({tp: r.last for tp, r in batch.ranges.items()})
-        await self._commit(batch)
-        summary = self.vitals.landed(batch, landed, poisoned, time.monotonic() - started)
-        self.log.info("batch landed", ranges=describe(batch), **summary)
 
     async def _commit(self, batch: Batch) -> None:
         offsets = {KafkaTP(t, p): o for (t, p), o in batch.commit_offsets().items()}
