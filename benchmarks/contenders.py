@@ -87,7 +87,7 @@ async def insert(p: dict[str, Any]) -> dict[str, Any]:
     from sink.pipeline.consumer import Namespaces
     from sink.stores.clickhouse.connection import ClickHouse
     from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns, time_divisor
-    from sink.stores.dedup import identity_key
+    from sink.stores.keys import identity_key
 
     spec = Spec(**p["spec"])
     namespaces = Namespaces(spec.topics_regex, None)
@@ -151,7 +151,7 @@ async def naive(p: dict[str, Any]) -> dict[str, Any]:
     from sink.pipeline.consumer import Namespaces
     from sink.stores.clickhouse.connection import ClickHouse
     from sink.stores.clickhouse.schema import EVENT_COLUMNS, Schema, event_columns, time_divisor
-    from sink.stores.dedup import coordinates, identity_key
+    from sink.stores.keys import coordinates, identity_key
 
     limit = int(p["limit"])
     prefix = p["redis_prefix"].encode()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from sink.pipeline.decode import Event, Rejection
+from sink.stores.keys import PendingRange
 
 TopicPartition = tuple[str, int]
 Coordinates = tuple[str, int, int]
@@ -130,9 +131,9 @@ def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, tuple[int, int]], 
     return ranges, (low // 1000, high // 1000)
 
 
-def pending_ranges(batch: Batch, behind: Batch | None = None) -> dict[TopicPartition, str]:
-    """What `batch` may insert, per partition: `first:last:tmin:tmax` (offsets, event-time
-    seconds), written down before the insert (see sink.stores.dedup.DedupStore). While the batch
+def pending_ranges(batch: Batch, behind: Batch | None = None) -> dict[TopicPartition, PendingRange]:
+    """What `batch` may insert, per partition, written down before the insert (see
+    sink.stores.dedup.DedupStore). While the batch
     `behind` it is still landing, a partition both hold starts at that batch's first offset
     and the times cover both batches."""
     if not batch.items:
@@ -146,7 +147,7 @@ def pending_ranges(batch: Batch, behind: Batch | None = None) -> dict[TopicParti
     out = {}
     for tp, r in batch.ranges.items():
         first = min(r.first, earlier[tp].first) if tp in earlier else r.first
-        out[tp] = f"{first}:{r.last}:{low}:{high}"
+        out[tp] = PendingRange(first, r.last, low, high)
     return out
 
 

@@ -31,7 +31,7 @@ from sink.pipeline.consumer import DeadLetters, RebuiltRecord
 from sink.pipeline.fencing import Ownership
 from sink.pipeline.retry import Retry
 from sink.pipeline.topics import TopicKeys
-from sink.stores import dedup
+from sink.stores import dedup, keys
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.landed import OffsetStore
 from sink.stores.clickhouse.native import InsertWithdrawn
@@ -103,8 +103,8 @@ class Landing:
         else:  # grouped here if the batch changed after it was grouped
             grouped = dedup.group(batch.items, self.key_prefix, self.topics.key)
         pending = {
-            dedup.pending_key(self.key_prefix, self.topics.key(t), p): value.encode()
-            for (t, p), value in pending_ranges(batch, behind).items()
+            keys.pending_key(self.key_prefix, self.topics.key(t), p): pending.encode()
+            for (t, p), pending in pending_ranges(batch, behind).items()
         }
         store = self.store
         t0 = time.monotonic()
@@ -234,9 +234,11 @@ class Landing:
         self.metrics.dead_letters.labels(decoding.REJECTED_BY_CLICKHOUSE).inc(len(items))
         if self.store is not None:
             store = self.store
-            keys = [dedup.identity_key(self.key_prefix, i.namespace, i.source, i.id) for i in items]
+            markers = [
+                keys.identity_key(self.key_prefix, i.namespace, i.source, i.id) for i in items
+            ]
             coords = [
-                dedup.coordinates(self.topics.key(i.topic), i.partition, i.offset) for i in items
+                keys.coordinates(self.topics.key(i.topic), i.partition, i.offset) for i in items
             ]
             with contextlib.suppress(DependencyError):
-                await store.release(keys, coords)
+                await store.release(markers, coords)

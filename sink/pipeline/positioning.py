@@ -19,8 +19,9 @@ from sink.operations.metrics import Metrics
 from sink.pipeline.batch import Coordinates, TopicPartition
 from sink.pipeline.offsets import Assignments
 from sink.pipeline.topics import TopicKeys, topic_ids
-from sink.stores import dedup
+from sink.stores import dedup, keys
 from sink.stores.clickhouse.landed import OffsetStore
+from sink.stores.keys import PendingRange
 
 
 def names(tps: Sequence[TopicPartition] | set[TopicPartition]) -> list[str]:
@@ -163,13 +164,13 @@ class Positioning:
         raw table, landed offset not moved). Its pending range says where to look."""
         if self.store is None:
             return set()
-        keys = [dedup.pending_key(self.key_prefix, self.topics.key(t), p) for t, p in tps]
+        where = [keys.pending_key(self.key_prefix, self.topics.key(t), p) for t, p in tps]
         ranges: dict[TopicPartition, tuple[int, int]] = {}
         low, high = 2**63, -1
-        for tp, value in zip(tps, await self.store.pending(keys), strict=True):
+        for tp, value in zip(tps, await self.store.pending(where), strict=True):
             if not value:
                 continue
-            first, last, tmin, tmax = (int(x) for x in value.split(b":"))
+            first, last, tmin, tmax = PendingRange.parse(value)
             start = max(first, landed.get(tp, -1) + 1)
             if last >= start:
                 ranges[tp] = (start, last)

@@ -27,6 +27,7 @@ import xxhash
 from redis.exceptions import RedisError, ResponseError
 
 from sink.errors import RedisUnavailable
+from sink.stores.keys import coordinates, coordinates_head, framing
 
 # A claim is one `SET key coords NX GET EX ttl` per identity, each atomic on its own, sent as
 # plain commands (a Lua script would copy every argument into and out of Lua), up to 10,000 to
@@ -170,27 +171,6 @@ for i, key in ipairs(KEYS) do
 end
 return n
 """
-
-
-def framing(namespace: str, source: str) -> str:
-    """The part of an identity before its id: each field with its length in front, so no two
-    identities frame alike."""
-    return f"{len(namespace)}:{namespace}{len(source)}:{source}"
-
-
-def identity_key(prefix: bytes, namespace: str, source: str, event_id: str) -> bytes:
-    """Short, collision-safe key: the xxh3-128 digest of the framed identity."""
-    framed = (framing(namespace, source) + event_id).encode("utf-8", "surrogatepass")
-    return prefix + xxhash.xxh3_128_digest(framed)
-
-
-def coordinates(topic: str, partition: int, offset: int) -> bytes:
-    return f"{topic}:{partition}:{offset}".encode()
-
-
-def pending_key(prefix: bytes, topic: str, partition: int) -> bytes:
-    """Where the offset range a worker is about to insert for a partition is written down."""
-    return prefix + f"~pending:{topic}:{partition}".encode()
 
 
 class DedupStore(Protocol):
@@ -416,7 +396,7 @@ class Grouping:
                 add_key(key)
                 if item[9] != partition or item[8] != topic:
                     topic, partition = item[8], item[9]
-                    at = f"{self._topic_key(topic)}:{partition}:"
+                    at = coordinates_head(self._topic_key(topic), partition)
                 add_coords(f"{at}{item[10]}".encode())
                 add_first(item)
             elif slot in repeats:

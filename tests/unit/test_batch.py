@@ -9,6 +9,7 @@ import pytest
 
 from sink.pipeline.batch import Batch, Item, Range, Reject, Triggers, due, full, pending_ranges
 from sink.pipeline.decode import Event, Rejection
+from sink.stores.keys import PendingRange
 from tests.items import as_item
 
 A = ("om_a_events", 0)
@@ -229,7 +230,10 @@ def timed(spans: dict[tuple[str, int], tuple[int, int]], seconds: int) -> Batch:
 
 def test_pending_ranges_of_a_batch_alone() -> None:
     batch = timed({A: (10, 19), C: (3, 4)}, 1_000)
-    assert pending_ranges(batch) == {A: "10:19:1003:1019", C: "3:4:1003:1019"}
+    ranges = pending_ranges(batch)
+    assert ranges == {A: PendingRange(10, 19, 1003, 1019), C: PendingRange(3, 4, 1003, 1019)}
+    assert ranges[A].encode() == b"10:19:1003:1019"
+    assert PendingRange.parse(ranges[A].encode()) == ranges[A]
 
 
 def test_pending_ranges_reach_back_over_the_batch_still_landing() -> None:
@@ -237,7 +241,10 @@ def test_pending_ranges_reach_back_over_the_batch_still_landing() -> None:
     batch = timed({A: (10, 19), B: (7, 8)}, 1_000)
     # A shared partition starts where the landing batch starts; the times cover both batches;
     # a partition only the landing batch holds keeps the range that batch wrote itself.
-    assert pending_ranges(batch, landing) == {A: "0:19:500:1019", B: "7:8:500:1019"}
+    assert pending_ranges(batch, landing) == {
+        A: PendingRange(0, 19, 500, 1019),
+        B: PendingRange(7, 8, 500, 1019),
+    }
 
 
 def test_pending_ranges_of_a_batch_of_dead_letters_only() -> None:

@@ -15,7 +15,8 @@ from sink.errors import RedisUnavailable
 from sink.pipeline.batch import Item
 from sink.pipeline.decode import Event
 from sink.stores import dedup
-from sink.stores.dedup import Grouping, MemoryDedup, coordinates, group, identity_key, keep
+from sink.stores.dedup import Grouping, MemoryDedup, group, keep
+from sink.stores.keys import coordinates, identity_key
 from tests.items import as_item
 
 PREFIX = b"sink:dedup:"
