@@ -20,6 +20,7 @@ from sink.metering.migrations import Migrator, Plan
 from sink.operations.health import HealthServer, Starting
 from sink.operations.metrics import Metrics
 from sink.pipeline.consumer import DeadLetters, ensure_topic, make_consumer, make_producer, security
+from sink.pipeline.retry import Backoff
 from sink.pipeline.worker import Worker
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.schema import time_divisor
@@ -170,15 +171,13 @@ async def _until_up(
     what: str, op: Callable[[], Awaitable[T]], stop: asyncio.Event, config: Config
 ) -> T:
     """Start-up waits for a dependency instead of crash-looping."""
-    delay = config.worker.retry_initial
+    backoff = Backoff(config.worker.retry_initial, config.worker.retry_max)
     while not stop.is_set():
         try:
             return await op()
         except (DependencyError, KafkaError, OSError) as exc:
             log.warning("waiting for dependency", dependency=what, error=str(exc)[:300])
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), delay)
-        delay = min(delay * 2, config.worker.retry_max)
+        await backoff.wait(stop)
     raise _Stopped
 
 

@@ -1,4 +1,5 @@
-"""Retrying a step of the commit order until its dependency answers.
+"""Waiting for a dependency: one backoff (`Backoff`) for every wait, and the retry of a step of
+the commit order until its dependency answers (`Retry`).
 
 A failed dependency never loses the batch: the step is tried again with exponential backoff and
 jitter, while the poll loop pauses the partitions (it reads `blocked`). The wait ends early only
@@ -8,6 +9,7 @@ when every partition of the batch has moved to another worker, which replays it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -24,6 +26,34 @@ T = TypeVar("T")
 def jitter(delay: float) -> float:
     """`delay` spread over half to one and a half times itself, so retries do not march."""
     return delay * (0.5 + random.random())
+
+
+class Backoff:
+    """Exponential backoff with jitter: each wait doubles, up to `maximum`; `reset` after a
+    success starts again from `initial`."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.delay = initial
+
+    def reset(self) -> None:
+        self.delay = self.initial
+
+    def next(self) -> float:
+        """The next wait, in seconds."""
+        wait = jitter(self.delay)
+        self.delay = min(self.delay * 2, self.maximum)
+        return wait
+
+    async def wait(self, stop: asyncio.Event | None = None) -> None:
+        """Sleep the next wait; with `stop`, return early once it is set."""
+        seconds = self.next()
+        if stop is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), seconds)
 
 
 class Retry:
@@ -51,7 +81,7 @@ class Retry:
     ) -> T:
         """`op`'s result, once it stops raising DependencyError. With `give_up`, the first
         such error is raised instead; Abandoned when the batch's partitions all moved away."""
-        delay = self.initial
+        backoff = Backoff(self.initial, self.maximum)
         attempt = 0
         failed = ""
         blocked: str | None = None  # entered in self.blocked while this loop waits
@@ -69,8 +99,8 @@ class Retry:
                     if blocked is None:
                         blocked = exc.dependency
                         self.blocked.append(blocked)
-                    await self._back_off(exc, attempt, delay)
-                    delay = min(delay * 2, self.maximum)
+                    self._report(exc, attempt)
+                    await backoff.wait()
                     if self.abandoned(batch):
                         raise Abandoned from exc
                     continue
@@ -82,7 +112,7 @@ class Retry:
             if blocked is not None:
                 self.blocked.remove(blocked)
 
-    async def _back_off(self, exc: DependencyError, attempt: int, delay: float) -> None:
+    def _report(self, exc: DependencyError, attempt: int) -> None:
         if attempt & (attempt - 1) == 0:  # 1, 2, 4, 8 ...: no log flood
             self.log.warning(
                 "dependency failed, retrying",
@@ -90,4 +120,3 @@ class Retry:
                 attempt=attempt,
                 error=str(exc)[:300],
             )
-        await asyncio.sleep(jitter(delay))

@@ -34,7 +34,7 @@ from sink.pipeline.fencing import Abandoned, Ownership
 from sink.pipeline.landing import Landing, describe
 from sink.pipeline.offsets import Assignments
 from sink.pipeline.positioning import Positioning, names
-from sink.pipeline.retry import Retry, jitter
+from sink.pipeline.retry import Backoff, Retry, jitter
 from sink.pipeline.topics import TopicKeys
 from sink.stores import dedup
 from sink.stores.clickhouse.connection import ClickHouse
@@ -232,7 +232,7 @@ class Worker:
     # ---------------------------------------------------------------- poll side
 
     async def _poll_loop(self) -> None:
-        delay = self.config.worker.retry_initial
+        backoff = Backoff(self.config.worker.retry_initial, self.config.worker.retry_max)
         while not self._stopping:
             if self.assignments.pending:
                 await self._position_pending()
@@ -242,12 +242,11 @@ class Worker:
                 fetched = await self.consumer.getmany(
                     timeout_ms=100, max_records=min(FETCH_RECORDS, self.triggers.max_rows)
                 )
-                delay = self.config.worker.retry_initial
+                backoff.reset()
                 self.vitals.ok("kafka")
             except KafkaError as exc:
                 self.vitals.failed("kafka", exc)
-                await asyncio.sleep(jitter(delay))
-                delay = min(delay * 2, self.config.worker.retry_max)
+                await backoff.wait()
                 continue
             for ktp, records in fetched.items():
                 tp = (ktp.topic, ktp.partition)
