@@ -13,10 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sink.config import Config
 from sink.errors import ClickHouseRejected, DependencyError, RedisUnavailable
-from sink.operations.metrics import Metrics
-from sink.operations.vitals import Vitals
 from sink.pipeline import decode as decoding
 from sink.pipeline.batch import (
     Batch,
@@ -28,9 +25,9 @@ from sink.pipeline.batch import (
     span,
 )
 from sink.pipeline.consumer import DeadLetters, RebuiltRecord
+from sink.pipeline.context import Context
 from sink.pipeline.fencing import Ownership
 from sink.pipeline.retry import Retry
-from sink.pipeline.topics import TopicKeys
 from sink.stores import dedup, keys
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.landed import OffsetStore
@@ -46,32 +43,24 @@ def describe(batch: Batch) -> list[str]:
 class Landing:
     def __init__(
         self,
-        config: Config,
+        ctx: Context,
         *,
-        store: dedup.DedupStore | None,
         inserter: ClickHouse,
         offsets: OffsetStore,
-        topics: TopicKeys,
         dead_letters: DeadLetters,
         ownership: Ownership,
         retry: Retry,
         time_divisor: int,
-        metrics: Metrics,
-        vitals: Vitals,
-        log: Any,
     ) -> None:
-        self.config = config
-        self.store = store
+        config = ctx.config
+        self.config, self.store, self.topics = config, ctx.store, ctx.topics
+        self.metrics, self.vitals, self.log = ctx.metrics, ctx.vitals, ctx.log
         self.inserter = inserter
         self.offsets = offsets
-        self.topics = topics
         self.dead_letters = dead_letters
         self.ownership = ownership
         self.retry = retry
         self.time_divisor = time_divisor
-        self.metrics = metrics
-        self.vitals = vitals
-        self.log = log
         self.key_prefix = config.dedup.prefix
         # The server gives up on an INSERT whose client stopped sending for this long, so a
         # frozen worker's half-sent insert ends well before the group can hand its partitions

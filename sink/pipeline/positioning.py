@@ -14,12 +14,11 @@ from typing import Any
 
 from aiokafka import TopicPartition as KafkaTP
 
-from sink.config import Config
-from sink.operations.metrics import Metrics
 from sink.pipeline.batch import Coordinates, TopicPartition
+from sink.pipeline.context import Context
 from sink.pipeline.offsets import Assignments
-from sink.pipeline.topics import TopicKeys, topic_ids
-from sink.stores import dedup, keys
+from sink.pipeline.topics import topic_ids
+from sink.stores import keys
 from sink.stores.clickhouse.landed import OffsetStore
 from sink.stores.keys import PendingRange
 
@@ -32,27 +31,21 @@ def names(tps: Sequence[TopicPartition] | set[TopicPartition]) -> list[str]:
 class Positioning:
     def __init__(
         self,
-        config: Config,
+        ctx: Context,
         *,
         consumer: Any,
         assignments: Assignments,
         offsets: OffsetStore,
-        topics: TopicKeys,
-        store: dedup.DedupStore | None,
-        metrics: Metrics,
         start_over: Callable[[Sequence[TopicPartition]], None],
-        log: Any,
     ) -> None:
-        self.config = config
+        config = ctx.config
+        self.config, self.store, self.topics = config, ctx.store, ctx.topics
+        self.metrics, self.log = ctx.metrics, ctx.log
         self.consumer = consumer
         self.assignments = assignments
         self.offsets = offsets
-        self.topics = topics
-        self.store = store
-        self.metrics = metrics
         self.start_over = start_over
         """Treats held partitions as newly assigned: what is held of them is dropped."""
-        self.log = log
         self.key_prefix = config.dedup.prefix
         self._next_fetch: dict[TopicPartition, int] = {}
         """Offset each partition's next record should have: a smaller one means the log

@@ -30,6 +30,7 @@ from sink.operations.vitals import Vitals
 from sink.pipeline import decode as decoding
 from sink.pipeline.batch import Batch, Item, Reject, TopicPartition, Triggers, due
 from sink.pipeline.consumer import DeadLetters, Namespaces, full_record
+from sink.pipeline.context import Context
 from sink.pipeline.fencing import Abandoned, Ownership
 from sink.pipeline.landing import Landing, describe
 from sink.pipeline.offsets import Assignments
@@ -90,30 +91,22 @@ class Worker:
             metrics=metrics,
             log=log,
         )
+        ctx = Context(config, self.topics, store, metrics, self.vitals, log)
         self.landing = Landing(
-            config,
-            store=store,
+            ctx,
             inserter=inserter,
             offsets=OffsetStore(inserter, config.clickhouse.offsets_table, self.topics),
-            topics=self.topics,
             dead_letters=dead_letters,
             ownership=self.ownership,
             retry=self.retry,
             time_divisor=time_divisor,
-            metrics=metrics,
-            vitals=self.vitals,
-            log=log,
         )
         self.positioning = Positioning(
-            config,
+            ctx,
             consumer=consumer,
             assignments=self.assignments,
             offsets=OffsetStore(reader, config.clickhouse.offsets_table, self.topics),
-            topics=self.topics,
-            store=store,
-            metrics=metrics,
             start_over=self._start_over,
-            log=log,
         )
 
         self._open = Batch()

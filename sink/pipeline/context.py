@@ -1,0 +1,25 @@
+"""What the parts of one worker share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sink.config import Config
+from sink.operations.metrics import Metrics
+from sink.operations.vitals import Vitals
+from sink.pipeline.topics import TopicKeys
+from sink.stores.dedup import DedupStore
+
+
+@dataclass(frozen=True)
+class Context:
+    """One worker's configuration, its topics' storage keys, its dedup store (None when dedup
+    is off), and where it reports: metrics, vitals, log."""
+
+    config: Config
+    topics: TopicKeys
+    store: DedupStore | None
+    metrics: Metrics
+    vitals: Vitals
+    log: Any
