@@ -1,8 +1,9 @@
 """The worker: poll, decode, batch; then land each batch and commit, exactly once.
 
-Two tasks share the state. The poll loop fetches records, decodes them into the open batch,
-seals batches when a trigger fires and pauses partitions when memory or a dependency says so;
-it never blocks on ClickHouse or Redis, so the consumer stays in its group. The flusher lands
+Two tasks share the state. The poll loop fetches records, decodes them into the open batch and
+seals batches when a trigger fires; when it fetches, and from which partitions, is
+sink.pipeline.flow's. It never blocks on ClickHouse or Redis, so the consumer stays in its
+group. The flusher lands
 sealed batches one at a time, in order; `Worker._land` is the whole commit order, step by
 numbered step, with the guarantee each step gives. The steps' work is in
 sink.pipeline.landing, the fence in front of each insert in sink.pipeline.fencing, where a
@@ -32,6 +33,7 @@ from sink.pipeline.batch import Batch, Item, Reject, TopicPartition, Triggers, d
 from sink.pipeline.consumer import DeadLetters, Namespaces, full_record
 from sink.pipeline.context import Context
 from sink.pipeline.fencing import Abandoned, Ownership
+from sink.pipeline.flow import FlowControl
 from sink.pipeline.landing import Landing, describe
 from sink.pipeline.offsets import Assignments
 from sink.pipeline.positioning import Positioning, names
@@ -117,11 +119,7 @@ class Worker:
         self._wake_flusher = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._room = asyncio.Event()
-        """Set when the flusher has landed (or dropped) a batch: held rows went down."""
-        self._full_since: float | None = None
-        """Since when max_in_flight rows have been held (None while there is room)."""
-        self._paused: set[TopicPartition] = set()
+        self.flow = FlowControl(config, consumer, self.assignments, self.retry.blocked, metrics)
         self._stopping = False
         self._consumed: dict[str, Any] = {}
         """The records-consumed counter of each topic seen."""
@@ -131,9 +129,7 @@ class Worker:
     async def on_partitions_assigned(self, assigned: Sequence[KafkaTP]) -> None:
         tps = [(tp.topic, tp.partition) for tp in assigned]
         self.assignments.assign(tps)
-        if assigned:
-            self.consumer.pause(*assigned)
-        self._paused.update(tps)
+        self.flow.hold(tps)
         self.metrics.rebalances.inc()
         self.metrics.assigned.set(len(self.assignments.epochs))
         self.log.info("partitions assigned", partitions=names(tps))
@@ -229,7 +225,7 @@ class Worker:
         while not self._stopping:
             if self.assignments.pending:
                 await self._position_pending()
-            if await self._wait_for_room():
+            if await self.flow.wait_for_room(self._in_flight(), self._stopping, self._maybe_seal):
                 continue
             try:
                 fetched = await self.consumer.getmany(
@@ -249,7 +245,7 @@ class Worker:
                 if self.positioning.follows(tp, records[0].offset, records[-1].offset):
                     self._add(tp, epoch, records)
             self._maybe_seal()
-            self._backpressure()
+            self.flow.apply(self._in_flight())
             # getmany does not yield while aiokafka holds fetched records: let heartbeats
             # and the flusher run between polls.
             await asyncio.sleep(0)
@@ -306,56 +302,6 @@ class Worker:
             batches.append(self._flushing)
         return sum(b.records for b in batches), sum(b.nbytes for b in batches)
 
-    async def _wait_for_room(self) -> bool:
-        """While max_in_flight rows are held, fetch nothing and wait for the flusher; True if
-        it waited. The consumer keeps what it has fetched ahead meanwhile (pausing would throw
-        that away, to be fetched again). A wait longer than a quarter of max_poll_interval
-        gives way to pausing, so the poll loop keeps polling."""
-        rows, nbytes = self._in_flight()
-        self.metrics.in_flight_rows.set(rows)
-        self.metrics.in_flight_bytes.set(nbytes)
-        if rows < self.config.batch.max_in_flight or self._stopping:
-            self._full_since = None
-            return False
-        now = time.monotonic()
-        if self._full_since is None:
-            self._full_since = now
-        if self._waited_too_long(now):
-            return False
-        self._maybe_seal()
-        self._room.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._room.wait(), 0.5)
-        return True
-
-    def _waited_too_long(self, now: float) -> bool:
-        since = self._full_since
-        return since is not None and now - since > self.config.kafka.max_poll_interval / 4
-
-    def _backpressure(self) -> None:
-        rows, nbytes = self._in_flight()
-        self.metrics.in_flight_rows.set(rows)
-        self.metrics.in_flight_bytes.set(nbytes)
-        full = rows >= self.config.batch.max_in_flight and self._waited_too_long(time.monotonic())
-        hold = full or bool(self.retry.blocked)
-        if not (hold or self.assignments.pending or self._paused):
-            # The usual case, once per fetch: nothing is paused and nothing should be.
-            self.metrics.paused.set(0)
-            return
-        # Only partitions aiokafka still holds: a deleted topic leaves its assignment before
-        # the rebalance listener tells the worker, and pausing it then would raise.
-        held = set(self.assignments.epochs) & {
-            (t.topic, t.partition) for t in self.consumer.assignment()
-        }
-        want = held if hold else set(self.assignments.pending) & held
-        to_pause, to_resume = want - self._paused, (self._paused & held) - want
-        if to_pause:
-            self.consumer.pause(*(KafkaTP(t, p) for t, p in to_pause))
-        if to_resume:
-            self.consumer.resume(*(KafkaTP(t, p) for t, p in to_resume))
-        self._paused = want
-        self.metrics.paused.set(len(want))
-
     async def _position_pending(self) -> None:
         # A partition whose older batch is still being inserted waits: reading its landed
         # offset now would miss that batch.
@@ -381,16 +327,14 @@ class Worker:
         epoch), they are paused and positioned again from ClickHouse."""
         self._forget(tps)
         self.assignments.assign(tps)
-        self.consumer.pause(*(KafkaTP(t, p) for t, p in tps))
-        self._paused.update(tps)
+        self.flow.hold(tps)
 
     def _forget(self, tps: Sequence[TopicPartition]) -> None:
         """Drop everything held for partitions we no longer own."""
         self._open = self._open.without(tps)
         self._sealed = deque(b.without(tps) for b in self._sealed)
         self._sealed = deque(b for b in self._sealed if b)
-        self._paused -= set(tps)
-        self._room.set()
+        self.flow.forget(tps)
         self.vitals.forget(tps)
         self.positioning.forget(tps)
         self.landing.forget(tps)
@@ -415,7 +359,7 @@ class Worker:
                     self.log.info("batch dropped: partitions moved", ranges=describe(batch))
                 finally:
                     self._flushing = None
-                    self._room.set()
+                    self.flow.room.set()
         finally:
             if self._ahead is not None:
                 self._ahead[1].cancel()
@@ -529,7 +473,7 @@ class Worker:
                 "epoch": epoch,
                 "landed_offset": self.assignments.landed.get((t, p)),
                 "lag": self.vitals.lag.get((t, p)),
-                "paused": (t, p) in self._paused,
+                "paused": (t, p) in self.flow.paused,
                 "positioning": (t, p) in self.assignments.pending,
             }
             for (t, p), epoch in sorted(self.assignments.epochs.items())
