@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 import structlog
 
 from sink.metering.ledger import Ledger, backfill_version, month_state, piece_state, plan_state
-from sink.metering.meters import MeterSQL
+from sink.metering.meter_sql import MeterSQL
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.sql import quote
 

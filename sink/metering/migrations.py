@@ -25,7 +25,8 @@ from sink.errors import ClickHouseUnavailable, MigrationError
 from sink.metering.backfill import Backfill, Progress, staging_tables
 from sink.metering.lease import Lease
 from sink.metering.ledger import APPLIED, LIVE, REMOVED, Ledger, Live, meter_version
-from sink.metering.meters import Meter, MeterSQL, view_cutoff
+from sink.metering.meter_sql import MeterSQL, view_cutoff
+from sink.metering.meters import Meter
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.schema import Schema
 from sink.stores.clickhouse.sql import ServerFeatures, quote

@@ -19,7 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import orjson
 
-from sink.metering.meters import Meter, MeterSQL
+from sink.metering.meter_sql import MeterSQL
+from sink.metering.meters import Meter
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.sql import ServerFeatures, quote
 

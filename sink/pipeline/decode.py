@@ -278,7 +278,7 @@ def _inspect(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     an integer beyond 64 bits (orjson reads those as floats; they are then checked exactly).
 
     Scalars first: on servers without JSONExtract a meter reaches a top-level property by
-    stepping over the scalar members before it (`sink.metering.meters.member_pattern`), so
+    stepping over the scalar members before it (`sink.metering.meter_sql.member_pattern`), so
     every top-level scalar must come before any object or array."""
     nested = False
     suspicious = False

@@ -19,15 +19,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from sink.metering import usage
-from sink.metering.meters import (
-    Meter,
-    MeterIndex,
-    group_value,
-    json_key,
-    lookup,
-    member_pattern,
-    path,
-)
+from sink.metering.meter_sql import json_key, member_pattern
+from sink.metering.meters import Meter, MeterIndex, group_value, lookup, path
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.sql import ServerFeatures, quote
 from tests.integration.test_meters import aggregate, observed, send

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from sink.metering.backfill import MAX_BUCKETS, Piece, month_of, plan, staging_tables
 from sink.metering.ledger import BackfillRecords, Live, piece_state, plan_state
-from sink.metering.meters import Meter, MeterSQL, view_cutoff
+from sink.metering.meter_sql import MeterSQL, view_cutoff
+from sink.metering.meters import Meter
 from sink.stores.clickhouse.sql import ServerFeatures
 
 JAN_31_23H = int(datetime(2026, 1, 31, 23, 0, tzinfo=UTC).timestamp()) // 60

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sink.metering.meters import Meter, MeterSQL, member_pattern
+from sink.metering.meter_sql import MeterSQL, member_pattern
+from sink.metering.meters import Meter
 from sink.pipeline.decode import Event, decode
 from sink.stores.clickhouse.sql import ServerFeatures
 

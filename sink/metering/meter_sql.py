@@ -1,0 +1,274 @@
+"""The SQL of a meter for the connected server: its table, its view, its backfill pieces and
+the -Merge that reads it back."""
+
+from __future__ import annotations
+
+import re
+from typing import NamedTuple
+
+import orjson
+
+from sink.metering.meters import NUMERIC, Meter, path
+from sink.stores.clickhouse.sql import ServerFeatures, quote
+
+_STATE = {
+    "SUM": ("sum", "Float64"),
+    "MIN": ("min", "Float64"),
+    "MAX": ("max", "Float64"),
+    "AVG": ("avg", "Float64"),
+    "COUNT": ("count", None),
+    "UNIQUE_COUNT": ("uniqExact", "String"),
+    "LATEST": ("argMax", "Float64"),
+}
+
+
+# Without JSONExtract (ClickHouse < 20.1) a property is read with re2. In its syntax: a JSON
+# string, a bare scalar (number, true, false, null) and a member whose value is either.
+_STRING = r'"(?:[^"\\]|\\.)*"'
+_BARE = r'[^",{}\[\]]+'
+_SCALAR_MEMBER = f"{_STRING}:(?:{_STRING}|{_BARE})"
+
+
+def json_key(name: str) -> str:
+    """A property name as the worker's serialiser writes it between the quotes of a key."""
+    return orjson.dumps(name).decode()[1:-1]
+
+
+def member_pattern(name: str) -> str:
+    """An re2 pattern whose group is the top-level member `"name":value` of a stored `data`
+    text with the `,` or `}` that ends it, when the value is a scalar; no match otherwise.
+
+    Depth one by construction: from the opening brace the prefix consumes whole scalar members
+    only, so the match never starts inside an object, an array or a string, and a nested or
+    quoted `"name":` is never read. The worker writes top-level scalars before any object or
+    array (`decode.validate`), so every top-level scalar is reachable. The group keeps the
+    character that ends the member because 18.16's `visitParamExtractRaw` crashes the server
+    on a value that ends its input."""
+    key = re.escape(f'"{json_key(name)}":')
+    return rf"^\{{(?:{_SCALAR_MEMBER},)*({key}(?:{_STRING}|{_BARE})[,}}])"
+
+
+class _Member(NamedTuple):
+    """SQL that reads one property's member of `data` (`member_pattern`; '' when there is none).
+    `defined` is the extraction under an alias, for an expression's first use; `alias` names it
+    for the others. Expressions that each define it define one alias of one expression, which
+    ClickHouse computes once."""
+
+    defined: str
+    alias: str
+    key: str
+    """The JSON key as an SQL literal: `visitParamExtract*(member, key)` reads the member."""
+    start: int
+    """Where the value begins in the member (bytes, from 1)."""
+
+    def value(self, first: bool) -> str:
+        """The value's JSON text, exactly as the worker wrote it ('' when there is none). Not
+        `visitParamExtractRaw`: on 18.16 it returns '' for a string that ends in a backslash."""
+        member = self.defined if first else self.alias
+        return f"substring({member}, {self.start}, length({self.alias}) - {self.start})"
+
+
+def _member(name: str) -> _Member:
+    key = json_key(name)
+    alias = "`member:" + key.replace("\\", "\\\\").replace("`", "\\`") + "`"
+    defined = f"(extract(data, {quote(member_pattern(name))}) AS {alias})"
+    return _Member(defined, alias, quote(key), len(f'"{key}":'.encode()) + 1)
+
+
+_VIEW_CUTOFF = re.compile(r"stored_at >= toDateTime\((\d+)\)")
+
+
+def view_cutoff(create_view: str) -> int | None:
+    """The cutoff in a meter view's CREATE statement (as the server shows it): the view
+    counts rows stored from then on (`MeterSQL.create_view`)."""
+    found = _VIEW_CUTOFF.search(create_view)
+    return int(found.group(1)) if found else None
+
+
+class MeterSQL:
+    """SQL of one meter for one server: the table, the view, the backfill and the merge."""
+
+    def __init__(
+        self, meter: Meter, features: ServerFeatures, database: str, events_table: str
+    ) -> None:
+        self.meter = meter
+        self.features = features
+        self.db = database
+        self.events = f"`{database}`.`{events_table}`"
+        if not features.json_extract:
+            for where in self._paths():
+                if len(where) > 1:
+                    raise ValueError(
+                        f"meter {meter.slug}: nested property path {'.'.join(where)!r} needs "
+                        "ClickHouse 20.1 or newer (JSONExtract); this server reads top-level "
+                        "properties only"
+                    )
+
+    def _paths(self) -> list[tuple[str, ...]]:
+        found = [path(p) for p in self.meter.group_by.values()]
+        if self.meter.value_property:
+            found.append(path(self.meter.value_property))
+        return found
+
+    @property
+    def table(self) -> str:
+        return f"`{self.db}`.`{self.meter.table}`"
+
+    @property
+    def view(self) -> str:
+        return f"`{self.db}`.`{self.meter.view}`"
+
+    def _args(self, where: tuple[str, ...]) -> str:
+        return ", ".join(quote(p) for p in where)
+
+    def _number(self, where: tuple[str, ...]) -> str:
+        if self.features.json_extract:
+            return f"JSONExtractFloat(data, {self._args(where)})"
+        member = _member(where[0])
+        return f"visitParamExtractFloat({member.defined}, {member.key})"
+
+    def _raw(self, where: tuple[str, ...]) -> str:
+        if self.features.json_extract:
+            return f"JSONExtractRaw(data, {self._args(where)})"
+        return _member(where[0]).value(first=True)
+
+    def _group(self, where: tuple[str, ...]) -> str:
+        if self.features.json_extract:
+            args = self._args(where)
+            return (
+                f"if(JSONType(data, {args}) = 'String', JSONExtractString(data, {args}), "
+                f"if(JSONType(data, {args}) = 'Null', '', JSONExtractRaw(data, {args})))"
+            )
+        member = _member(where[0])
+        raw = member.value(first=False)
+        return (
+            f"if(substring({member.defined}, {member.start}, 1) = '\"', "
+            f"visitParamExtractString({member.alias}, {member.key}), "
+            f"if({raw} = 'null', '', {raw}))"
+        )
+
+    def _readable(self) -> str:
+        """SQL twin of `MeterIndex.check`: rows stored before the meter existed were never
+        checked for it, so the view and the backfill test the value themselves too. Without
+        JSONExtract an object or array value reads as '' (`member_pattern`), that is missing."""
+        if self.meter.aggregation == "COUNT":
+            return "1"
+        assert self.meter.value_property
+        where = path(self.meter.value_property)
+        numeric = self.meter.aggregation in NUMERIC
+        if self.features.json_extract:
+            kind = f"JSONType(data, {self._args(where)})"
+            if numeric:
+                return f"{kind} IN ('Int64', 'UInt64', 'Double')"
+            return f"{kind} NOT IN ('Null', 'Object', 'Array')"
+        raw = self._raw(where)
+        if numeric:
+            return f"match({raw}, '^-?[0-9]')"
+        return f"{raw} NOT IN ('', 'null')"
+
+    def _time_type(self) -> str:
+        return "DateTime64(3, 'UTC')" if self.features.datetime64 else "DateTime('UTC')"
+
+    def _state_type(self) -> str:
+        function, argument = _STATE[self.meter.aggregation]
+        if self.meter.aggregation == "LATEST":
+            return f"AggregateFunction(argMax, Float64, {self._time_type()})"
+        if argument is None:
+            return f"AggregateFunction({function})"
+        return f"AggregateFunction({function}, {argument})"
+
+    def _state(self) -> str:
+        agg = self.meter.aggregation
+        if agg == "COUNT":
+            return "countState()"
+        assert self.meter.value_property
+        where = path(self.meter.value_property)
+        if agg == "UNIQUE_COUNT":
+            return f"uniqExactState({self._raw(where)})"
+        if agg == "LATEST":
+            return f"argMaxState({self._number(where)}, time)"
+        return f"{_STATE[agg][0]}State({self._number(where)})"
+
+    def merge(self) -> str:
+        return f"{_STATE[self.meter.aggregation][0]}Merge(value)"
+
+    @property
+    def group_columns(self) -> list[str]:
+        return [f"group_{name}" for name in self.meter.group_by]
+
+    def create_table(self, table: str | None = None) -> str:
+        """The meter's table (or a staging table of the same shape, for `table`). `_origin` is
+        0 for rows the view writes and 1 for the backfill's, and it is part of the partition
+        key, so the backfill can swap its own partitions without touching the view's rows."""
+        groups = "".join(f"    `{c}` String,\n" for c in self.group_columns)
+        order = ", ".join(["namespace", "subject", "window_start", *self.group_columns])
+        return (
+            f"CREATE TABLE IF NOT EXISTS {table or self.table} (\n"
+            f"    namespace String,\n    subject String,\n    window_start DateTime('UTC'),\n"
+            f"{groups}    value {self._state_type()},\n    _origin UInt32\n"
+            f") ENGINE = AggregatingMergeTree()\n"
+            f"PARTITION BY (toYYYYMM(window_start), _origin)\nORDER BY ({order})"
+        )
+
+    @property
+    def columns(self) -> str:
+        """The table's columns in order, for INSERT column lists."""
+        groups = "".join(f"`{c}`, " for c in self.group_columns)
+        return f"namespace, subject, window_start, {groups}value, _origin"
+
+    def _select(self, where: str, origin: int) -> str:
+        groups = "".join(
+            f",\n    {self._group(path(p))} AS `group_{name}`"
+            for name, p in self.meter.group_by.items()
+        )
+        keys = ", ".join(
+            ["namespace", "subject", "window_start", *(f"`{c}`" for c in self.group_columns)]
+        )
+        return (
+            f"SELECT namespace, subject, toDateTime(toStartOfMinute(time), 'UTC') AS window_start"
+            f"{groups},\n    {self._state()} AS value, toUInt32({origin}) AS _origin\n"
+            f"FROM {self.events}\n"
+            f"WHERE type = {quote(self.meter.event_type)} "
+            f"AND position(validation_error, {quote('[' + self.meter.slug + ']')}) = 0 "
+            f"AND {self._readable()} AND {where}\nGROUP BY {keys}"
+        )
+
+    def create_view(self, cutoff: int) -> str:
+        """The view counts rows stored from `cutoff` (epoch seconds) on, as `_origin` 0; the
+        backfill counts the rows stored before it, so no row is counted twice or missed."""
+        return (
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {self.view} TO {self.table} AS\n"
+            + self._select(f"stored_at >= toDateTime({cutoff})", 0)
+        )
+
+    def backfill_piece(
+        self,
+        target: str,
+        cutoff: int,
+        minutes: tuple[int, int],
+        bucket: tuple[int, int],
+        origin: int,
+    ) -> str:
+        """Aggregate into `target`, as `origin`, the rows stored before `cutoff` whose event
+        time lies in `minutes` (first, end: epoch minutes) and whose id hashes into `bucket`
+        (index, count)."""
+        first, end = minutes
+        where = (
+            f"stored_at < toDateTime({cutoff}) AND time >= toDateTime({first * 60}) "
+            f"AND time < toDateTime({end * 60})"
+        )
+        if bucket[1] > 1:
+            where += f" AND cityHash64(id) % {bucket[1]} = {bucket[0]}"
+        return f"INSERT INTO {target} ({self.columns})\n" + self._select(where, origin)
+
+    def copy_month(self, target: str, source: str, month: int, origin: int) -> str:
+        """Copy one month of `source` (a table of this meter's shape) into `target` as `origin`."""
+        groups = "".join(f"`{c}`, " for c in self.group_columns)
+        return (
+            f"INSERT INTO {target} ({self.columns}) SELECT namespace, subject, window_start, "
+            f"{groups}value, toUInt32({origin}) FROM {source} "
+            f"WHERE toYYYYMM(window_start) = {month}"
+        )
+
+    def drop(self) -> list[str]:
+        return [f"DROP TABLE IF EXISTS {self.view}", f"DROP TABLE IF EXISTS {self.table}"]
