@@ -10,8 +10,8 @@ import pytest
 import redis.asyncio as redis_async
 
 from sink.errors import RedisUnavailable
-from sink.stores import keys
 from sink.stores.dedup import RedisDedup
+from sink.stores.keys import coordinates, identity_key, pending_key
 from tests.conftest import Services
 
 
@@ -35,11 +35,11 @@ async def client(services: Services) -> AsyncIterator[redis_async.Redis]:
 
 
 def _keys(prefix: bytes, n: int, tag: str) -> list[bytes]:
-    return [keys.identity_key(prefix, "ns", "src", f"{tag}-{i}") for i in range(n)]
+    return [identity_key(prefix, "ns", "src", f"{tag}-{i}") for i in range(n)]
 
 
 def _coords(topic: str, partition: int, n: int, first: int = 0) -> list[bytes]:
-    return [keys.coordinates(topic, partition, first + i) for i in range(n)]
+    return [coordinates(topic, partition, first + i) for i in range(n)]
 
 
 async def test_claims_replays_and_conflicts_in_a_claim_of_many_reads(
@@ -48,7 +48,7 @@ async def test_claims_replays_and_conflicts_in_a_claim_of_many_reads(
     n = 10_003  # more than one write of identities; its replies come in many reads
     keys = _keys(prefix, n, "a")
     mine = _coords("orders", 0, n)
-    pending = {keys.pending_key(prefix, "orders", 0): b"0:10002:1:2"}
+    pending = {pending_key(prefix, "orders", 0): b"0:10002:1:2"}
     assert await store.claim(keys, mine, pending) == mine  # all new
     assert await store.claim(keys, mine) == mine  # our own replay
     theirs = _coords("orders", 1, n)
@@ -69,7 +69,7 @@ async def test_claims_replays_and_conflicts_in_a_claim_of_many_reads(
 async def test_an_empty_claim_still_writes_the_pending_ranges(
     store: RedisDedup, prefix: bytes
 ) -> None:
-    key = keys.pending_key(prefix, "orders", 3)
+    key = pending_key(prefix, "orders", 3)
     assert await store.claim([], [], {key: b"5:9:1:1"}) == []
     assert await store.pending([key]) == [b"5:9:1:1"]
 
@@ -93,7 +93,7 @@ async def test_markers_and_pending_ranges_expire_after_the_ttl(
     store: RedisDedup, client: redis_async.Redis, prefix: bytes
 ) -> None:
     keys = _keys(prefix, 2, "t")
-    pending = keys.pending_key(prefix, "orders", 0)
+    pending = pending_key(prefix, "orders", 0)
     await store.claim(keys, [b"orders:0:1", b"orders:0:2"], {pending: b"1:2:1:1"})
     for key in [*keys, pending]:
         assert 590 <= await client.ttl(key) <= 600
@@ -160,7 +160,7 @@ async def test_claims_over_resp3_read_each_reply_with_the_client(
     keys = _keys(prefix, 5, "r")
     mine = _coords("orders", 6, 5)
     theirs = _coords("orders", 7, 5)
-    pending = {keys.pending_key(prefix, "orders", 6): b"0:4:1:1"}
+    pending = {pending_key(prefix, "orders", 6): b"0:4:1:1"}
     try:
         assert await store.claim(keys[:3], mine[:3], pending) == mine[:3]
         assert await store.claim(keys, theirs) == [*mine[:3], *theirs[3:]]
