@@ -94,8 +94,12 @@ def categorise(frames: list[tuple[str, str]]) -> str:
     return "other"
 
 
+_ROOT = f"{Path(__file__).resolve().parents[1]}/"
+"""The project's root: frames of its own files are shown from there."""
+
+
 def _short(file: str) -> str:
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+    for marker in ("site-packages/", _ROOT, "lib/python3"):
         if marker in file:
             return file.split(marker, 1)[1]
     return file
