@@ -1,19 +1,39 @@
 #!/usr/bin/env bash
 # Local service stack for the sink worker, without Docker: Kafka (4.x, KRaft single node),
-# Redis (Debian's redis-server) and ClickHouse (Debian's clickhouse-server 18.16).
+# Redis (Debian's redis-server) and ClickHouse (Debian's clickhouse-server 18.16); on request
+# also a ClickHouse cluster (2 shards x 2 replicas) with its ZooKeeper (Debian's zookeeper).
 #
-#   scripts/stack.sh up     [kafka|redis|clickhouse ...]   install what is missing, start, wait until answering
+#   scripts/stack.sh up     [--cluster] [service ...]      install what is missing, start, wait until answering
 #   scripts/stack.sh down   [--purge] [service ...]        stop what this stack started (--purge: drop data too)
-#   scripts/stack.sh status [service ...]                  one line per service; exit 0 only if all answer
-#   scripts/stack.sh env                                   export lines: eval "$(scripts/stack.sh env)"
+#   scripts/stack.sh status [--cluster] [service ...]      one line per service; exit 0 only if all answer
+#   scripts/stack.sh env    [--cluster]                    export lines: eval "$(scripts/stack.sh env)"
 #   scripts/stack.sh kill   <service ...>                  SIGKILL (crash tests); `up <service>` restarts it
+#   scripts/stack.sh pid    <service ...>                  the pid of each (e.g. to freeze it with SIGSTOP)
 #
-# Without a service argument a command acts on all three. Everything (data, logs, pid files,
-# Kafka jars) lives in ${SINK_STACK_DIR:-<repo>/.stack}. Ports and knobs (environment):
+# Services: kafka, redis, clickhouse (the single server); the cluster's zookeeper and nodes
+# clickhouse-1-1, clickhouse-1-2, clickhouse-2-1, clickhouse-2-2 (clickhouse-<shard>-<replica>);
+# "cluster" names those five, "all" the first three. Without a service argument a command acts
+# on the first three, with --cluster on all eight; a plain `down` stops the cluster too.
+# So `up --cluster` starts everything, `up cluster` only the cluster. `up` of cluster services
+# waits until each answers and then, if ZooKeeper and all four nodes run, until ON CLUSTER DDL
+# (a database created and dropped ON CLUSTER sink_cluster) succeeds on every node.
+# The cluster "sink_cluster" (remote_servers, internal_replication) has macros {cluster},
+# {shard} (1, 2) and {replica} (the node's name), e.g.
+# ReplicatedMergeTree('/clickhouse/tables/{shard}/t', '{replica}'). Purge it as a whole
+# (`down --purge cluster`): ZooKeeper holds the nodes' replication metadata.
+# `env --cluster` points CLICKHOUSE_URL at clickhouse-1-1 and adds CLICKHOUSE_CLUSTER,
+# CLICKHOUSE_NODES (host:port of every node, shard-major) and ZOOKEEPER_HOSTS.
+#
+# Everything (data, logs, pid files, Kafka jars) lives in ${SINK_STACK_DIR:-<repo>/.stack}, the
+# cluster in its cluster/ subdir. Ports and knobs (environment):
 #   SINK_KAFKA_PORT (19092)  SINK_KAFKA_CONTROLLER_PORT (19093)  SINK_REDIS_PORT (16379)
 #   SINK_CLICKHOUSE_PORT (19000, native)  SINK_CLICKHOUSE_HTTP_PORT (18123)
+#   SINK_ZOOKEEPER_PORT (12181)  cluster node k = 1..4 (1-1, 1-2, 2-1, 2-2) listens on
+#   SINK_CLUSTER_TCP_PORT_BASE+k (19100: native 19101..19104),
+#   SINK_CLUSTER_HTTP_PORT_BASE+k (18200: http 18201..18204),
+#   SINK_CLUSTER_INTERSERVER_PORT_BASE+k (19200: replication 19201..19204)
 #   SINK_STACK_TIMEOUT (120: seconds each service gets to answer)
-#   SINK_KAFKA_HEAP_OPTS ("-Xmx512m -Xms256m")
+#   SINK_KAFKA_HEAP_OPTS ("-Xmx512m -Xms256m")  SINK_ZOOKEEPER_HEAP_OPTS ("-Xmx128m -Xms16m")
 # `up` prints the env lines on stdout followed by a summary as '#' comments, so
 # eval "$(scripts/stack.sh up)" works too; progress messages go to stderr.
 set -euo pipefail
@@ -65,6 +85,10 @@ CH_PID="$CH_DIR/clickhouse.pid"
 CH_LOG="$CH_DIR/logs/clickhouse-server.log"
 CH_ERRLOG="$CH_DIR/logs/clickhouse-server.err.log"
 CH_STDOUT="$CH_DIR/logs/stdout.log"
+
+# The replicated+sharded ClickHouse cluster and its ZooKeeper (cluster_* hooks, CLUSTER_* names).
+# shellcheck source=scripts/stack-cluster.sh
+source "$SCRIPT_DIR/stack-cluster.sh"
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
@@ -138,7 +162,7 @@ redis_server_bin() {
 service_ok() {
     case "$1" in
         kafka | redis | clickhouse) return 0 ;;
-        *) return 1 ;;
+        *) cluster_service_ok "$1" ;;
     esac
 }
 
@@ -147,6 +171,7 @@ pid_file_of() {
         kafka) echo "$KAFKA_PID" ;;
         redis) echo "$REDIS_PID" ;;
         clickhouse) echo "$CH_PID" ;;
+        *) cluster_pid_file_of "$1" ;;
     esac
 }
 
@@ -155,6 +180,7 @@ port_of() {
         kafka) echo "$KAFKA_PORT" ;;
         redis) echo "$REDIS_PORT" ;;
         clickhouse) echo "$CH_TCP_PORT" ;;
+        *) cluster_port_of "$1" ;;
     esac
 }
 
@@ -163,6 +189,7 @@ main_log_of() {
         kafka) echo "$KAFKA_LOG" ;;
         redis) echo "$REDIS_LOG" ;;
         clickhouse) echo "$CH_LOG" ;;
+        *) cluster_main_log_of "$1" ;;
     esac
 }
 
@@ -189,6 +216,7 @@ service_pid() {
             esac
             ;;
         clickhouse) [[ "$cmdline" == *"$CH_CONF"* ]] || return 1 ;;
+        *) cluster_owns "$svc" "$cmdline" || return 1 ;;
     esac
     echo "$pid"
 }
@@ -278,6 +306,7 @@ ensure_packages() {
                     pkgs+=(maven)
                 fi
                 ;;
+            *) cluster_packages "$svc" ;;
         esac
     done
     if [[ ${#pkgs[@]} -gt 0 ]]; then
@@ -451,13 +480,14 @@ clickhouse_start() {
     (cd "$CH_DIR" && launch "$CH_PID" "$CH_STDOUT" "$bin" --config-file="$CH_CONF")
 }
 
+# Both ports answer SELECT 1 ($1: http port, $2: native port; the single server's by default).
 clickhouse_answers() {
-    local out client
-    out="$(curl -fsS --max-time 5 "http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT%201" 2>/dev/null)" || return 1
+    local out client http_port="${1:-$CH_HTTP_PORT}" tcp_port="${2:-$CH_TCP_PORT}"
+    out="$(curl -fsS --max-time 5 "http://127.0.0.1:$http_port/?query=SELECT%201" 2>/dev/null)" || return 1
     [[ "$out" == 1 ]] || return 1
     mapfile -t client < <(clickhouse_client_cmd) || return 0
     [[ ${#client[@]} -gt 0 ]] || return 0
-    out="$(timeout 10 "${client[@]}" --host 127.0.0.1 --port "$CH_TCP_PORT" --user default \
+    out="$(timeout 10 "${client[@]}" --host 127.0.0.1 --port "$tcp_port" --user default \
         --query 'SELECT 1' 2>/dev/null)" || return 1
     [[ "$out" == 1 ]]
 }
@@ -476,6 +506,7 @@ start_service() {
     ports=("$(port_of "$svc")")
     [[ "$svc" == kafka ]] && ports+=("$KAFKA_CONTROLLER_PORT")
     [[ "$svc" == clickhouse ]] && ports+=("$CH_HTTP_PORT")
+    cluster_service_ok "$svc" && mapfile -t ports < <(cluster_ports_of "$svc")
     for port in "${ports[@]}"; do
         # A process of ours that was just killed may still be releasing its sockets: give it 10 s.
         for ((i = 0; i < 20; i++)); do
@@ -487,7 +518,11 @@ start_service() {
                 "$(ss -Hltnp "sport = :$port" 2>/dev/null | head -n1 || true)"
         fi
     done
-    "${svc}_start"
+    if cluster_service_ok "$svc"; then
+        cluster_start "$svc"
+    else
+        "${svc}_start"
+    fi
 }
 
 fail_service() {
@@ -508,6 +543,7 @@ fail_service() {
             [[ -s "$CH_ERRLOG" ]] && show_log "$CH_ERRLOG" 15
             [[ -s "$CH_STDOUT" ]] && show_log "$CH_STDOUT" 15
             ;;
+        *) cluster_fail_logs "$svc" ;;
     esac
     printf '[stack] %s log: %s\n' "$svc" "$(main_log_of "$svc")" >&2
     return 1
@@ -527,6 +563,7 @@ wait_service() {
         case "$svc" in
             redis) redis_answers && break ;;
             clickhouse) clickhouse_answers && break ;;
+            zookeeper | clickhouse-*) cluster_answers "$svc" && break ;;
             kafka)
                 # The probe retries by itself until its deadline, so it is started right away:
                 # its JVM start overlaps the broker's (the broker opens its port last).
@@ -558,6 +595,7 @@ describe_endpoint() {
         kafka) echo "127.0.0.1:$KAFKA_PORT (controller :$KAFKA_CONTROLLER_PORT), log $KAFKA_LOG" ;;
         redis) echo "127.0.0.1:$REDIS_PORT, log $REDIS_LOG" ;;
         clickhouse) echo "127.0.0.1:$CH_TCP_PORT native / :$CH_HTTP_PORT http, log $CH_LOG" ;;
+        *) cluster_describe "$1" ;;
     esac
 }
 
@@ -572,6 +610,8 @@ stop_service() {
     fi
     log "$svc: stopping pid $pid"
     kill -TERM "$pid" 2>/dev/null || true
+    # A test may have frozen it (SIGSTOP): it only acts on the TERM once it runs again.
+    kill -CONT "$pid" 2>/dev/null || true
     if ! wait_pid_gone "$pid" "$STOP_TIMEOUT"; then
         warn "$svc: still running after ${STOP_TIMEOUT}s, sending KILL"
         kill -KILL "$pid" 2>/dev/null || true
@@ -607,6 +647,7 @@ purge_service() {
             log "clickhouse: removing data and logs"
             rm -rf "$CH_DIR"
             ;;
+        *) cluster_purge "$1" ;;
     esac
 }
 
@@ -619,6 +660,7 @@ status_service() {
             redis) redis_answers && answers=yes ;;
             clickhouse) clickhouse_answers && answers=yes ;;
             kafka) port_open "$KAFKA_PORT" && kafka_probe 20 >/dev/null 2>&1 && answers=yes ;;
+            *) cluster_answers "$svc" && answers=yes ;;
         esac
     else
         state="stopped"
@@ -626,20 +668,26 @@ status_service() {
         [[ -s "$(pid_file_of "$svc")" ]] && state="stopped(stale-pid-file)"
     fi
     [[ "$answers" == yes ]] && rc=0
-    printf '%-10s %-24s pid=%-8s port=%-6s answers=%s\n' "$svc" "$state" "$pid" "$(port_of "$svc")" "$answers"
+    printf '%-14s %-24s pid=%-8s port=%-6s answers=%s\n' "$svc" "$state" "$pid" "$(port_of "$svc")" "$answers"
     return "$rc"
 }
 
+# With --cluster: CLICKHOUSE_URL names the cluster's first node, and the cluster's variables follow.
 print_env() {
     echo "export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:$KAFKA_PORT"
     echo "export REDIS_URL=redis://127.0.0.1:$REDIS_PORT/0"
-    echo "export CLICKHOUSE_URL=clickhouse://default:@127.0.0.1:$CH_TCP_PORT/default"
+    if [[ "$WITH_CLUSTER" == 1 ]]; then
+        cluster_print_env
+    else
+        echo "export CLICKHOUSE_URL=clickhouse://default:@127.0.0.1:$CH_TCP_PORT/default"
+    fi
 }
 
 # ---------------------------------------------------------------------------------------------
 # commands
 
 SUMMARY_LINES=()
+WITH_CLUSTER=0
 
 cmd_up() {
     local svc failed=0 t0
@@ -647,14 +695,17 @@ cmd_up() {
     take_lock
     ensure_packages "$@"
     # Quick starters first: they come up while Kafka's jars, probe and storage are prepared.
-    for svc in redis clickhouse kafka; do
+    for svc in redis clickhouse; do
         [[ " $* " == *" $svc "* ]] && start_service "$svc"
     done
+    cluster_up_start "$@" || failed=1
+    [[ " $* " == *" kafka "* ]] && start_service kafka
     for svc in redis clickhouse kafka; do
         if [[ " $* " == *" $svc "* ]]; then
             wait_service "$svc" || failed=1
         fi
     done
+    ((failed)) || cluster_up_wait "$@" || failed=1
     if ((failed)); then
         die "stack is not up (see above); \`$0 down\` stops what did start"
     fi
@@ -673,12 +724,19 @@ cmd_down() {
         return 0
     }
     take_lock
+    # ZooKeeper last: the cluster nodes shut down while it still answers.
     for svc in "$@"; do
+        [[ "$svc" == zookeeper ]] && continue
         stop_service "$svc"
         if [[ "$purge" == 1 ]]; then
             purge_service "$svc"
         fi
     done
+    if [[ " $* " == *" zookeeper "* ]]; then
+        stop_service zookeeper
+        [[ "$purge" == 1 ]] && purge_service zookeeper
+    fi
+    return 0
 }
 
 cmd_status() {
@@ -698,19 +756,37 @@ cmd_kill() {
     done
 }
 
+# The pid of each service, one a line (for tests that freeze one with SIGSTOP); fails if one
+# does not run.
+cmd_pid() {
+    local svc pid rc=0
+    for svc in "$@"; do
+        if pid="$(service_pid "$svc")"; then
+            echo "$pid"
+        else
+            printf '[stack] %s: not running\n' "$svc" >&2
+            rc=1
+        fi
+    done
+    return "$rc"
+}
+
 main() {
     local cmd="${1:-}" purge=0 services=() arg
     [[ $# -gt 0 ]] && shift
     for arg in "$@"; do
         case "$arg" in
             --purge) purge=1 ;;
+            --cluster) WITH_CLUSTER=1 ;;
             all) services+=("${ALL_SERVICES[@]}") ;;
+            cluster) services+=("${CLUSTER_SERVICES[@]}") ;;
             -h | --help)
                 usage
                 exit 0
                 ;;
             *)
-                service_ok "$arg" || die "unknown service '$arg' (kafka, redis, clickhouse)"
+                service_ok "$arg" ||
+                    die "unknown service '$arg' (kafka, redis, clickhouse, cluster, zookeeper, ${CLUSTER_NODES[*]})"
                 services+=("$arg")
                 ;;
         esac
@@ -719,15 +795,28 @@ main() {
         die "--purge only goes with down"
     fi
     if [[ ${#services[@]} -eq 0 ]]; then
-        [[ "$cmd" == kill ]] && die "kill needs a service: kafka, redis or clickhouse"
+        [[ "$cmd" == kill || "$cmd" == pid ]] &&
+            die "$cmd needs a service: kafka, redis, clickhouse, zookeeper or clickhouse-<shard>-<replica>"
         services=("${ALL_SERVICES[@]}")
+        if [[ "$WITH_CLUSTER" == 1 ]]; then
+            services+=("${CLUSTER_SERVICES[@]}")
+        elif [[ "$cmd" == down && -d "$CLUSTER_DIR" ]]; then
+            # A plain `down` stops the cluster too if it was ever started here.
+            services+=("${CLUSTER_SERVICES[@]}")
+        fi
+    else
+        # each service once, in the order given
+        mapfile -t services < <(printf '%s\n' "${services[@]}" | awk '!seen[$0]++')
     fi
+    # `up` of a cluster service prints the cluster's variables.
+    [[ "$cmd" == up ]] && cluster_named "${services[@]}" && WITH_CLUSTER=1
     case "$cmd" in
         up) cmd_up "${services[@]}" ;;
         down) cmd_down "$purge" "${services[@]}" ;;
         status) cmd_status "${services[@]}" ;;
         env) print_env ;;
         kill) cmd_kill "${services[@]}" ;;
+        pid) cmd_pid "${services[@]}" ;;
         -h | --help | help)
             usage
             ;;
