@@ -39,12 +39,14 @@ from sink.config import BatchConfig, EventsConfig
 from sink.operations.vitals import count_topics
 from sink.pipeline.batch import Batch
 from sink.pipeline.decode import Event, decode
-from sink.pipeline.worker import FETCH_RECORDS
+from sink.pipeline.intake import FETCH_RECORDS
 from sink.stores import dedup
 from sink.stores.clickhouse.native import string_column
 from sink.stores.clickhouse.schema import event_columns
+from sink.stores.keys import DedupKeys
 
 FETCH = FETCH_RECORDS
+KEYS = DedupKeys(b"stages:")
 """Records per poll, as the worker asks aiokafka for (`max_records`)."""
 TIME_DIVISOR = 1000
 """DateTime seconds, as on ClickHouse 18.16."""
@@ -122,7 +124,7 @@ class Round:
 
     def run(self, work: Sequence[Fetch], max_rows: int, max_bytes: int) -> None:
         markers: dict[bytes, bytes] = {}  # Redis's side of the claims
-        batch, grouping, in_batch = Batch(), dedup.Grouping(b"stages:"), 0
+        batch, grouping, in_batch = Batch(), dedup.Grouping(KEYS), 0
         for fetch in work:
             new = self.timed("decode", partial(self.decode, fetch, batch, max_bytes))
             self.timed("group", partial(grouping.add, new))
@@ -132,7 +134,7 @@ class Round:
             in_batch += len(fetch.records)
             if in_batch >= max_rows:
                 self.land(batch, grouping, markers)
-                batch, grouping, in_batch = Batch(), dedup.Grouping(b"stages:"), 0
+                batch, grouping, in_batch = Batch(), dedup.Grouping(KEYS), 0
         if batch.ranges:
             self.land(batch, grouping, markers)
 
@@ -157,7 +159,7 @@ class Round:
         keys, coords = grouping.grouped.keys, grouping.grouped.coords
         self.timed("claim commands", lambda: dedup.claim_commands(keys, coords, b"3600"))
         holders = [markers.setdefault(k, c) for k, c in zip(keys, coords, strict=True)]
-        kept = self.timed("keep", lambda: dedup.keep(grouping.grouped, holders))
+        kept = self.timed("keep", lambda: dedup.keep(grouping.grouped, holders, KEYS))
         self.kept += len(kept)
         if not self.early_columns:
             self.timed("columns", lambda: block(kept))

@@ -11,8 +11,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sink.coordinates import TopicPartition
 from sink.operations.metrics import Metrics
-from sink.pipeline.batch import FIELD_OF, TOPIC_OF, Batch, Item, TopicPartition
+from sink.pipeline.batch import FIELD_OF, TOPIC_OF, Batch, Item
 
 DEPENDENCIES = ("kafka", "redis", "clickhouse")
 

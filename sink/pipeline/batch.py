@@ -13,13 +13,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from sink.coordinates import Span, TopicPartition, coordinates_of
 from sink.pipeline.decode import Event, Rejection
 from sink.stores.keys import PendingRange
-
-TopicPartition = tuple[str, int]
-Coordinates = tuple[str, int, int]
-"""A record's place: topic, partition, offset."""
-
 
 Item = Event
 """A batch's row: a valid event with its Kafka coordinates and record timestamp (one tuple
@@ -108,7 +104,7 @@ class Batch:
         # Only rows at some partition's last offset can say so: picked out at C level.
         lasts = {r.last for r in self.ranges.values()}
         at_a_last = itertools.compress(rows, map(lasts.__contains__, map(OFFSET_OF, rows)))
-        landed = {(i.topic, i.partition, i.offset) for i in at_a_last}
+        landed = set(map(coordinates_of, at_a_last))
         return {tp: r.last for tp, r in self.ranges.items() if (tp[0], tp[1], r.last) not in landed}
 
 
@@ -119,14 +115,14 @@ OFFSET_OF = FIELD_OF["offset"]
 TIME_MS_OF = FIELD_OF["time_ms"]
 
 
-def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, tuple[int, int]], tuple[int, int]]:
-    """Offset range per partition and event-time bounds (epoch seconds) of some rows."""
-    ranges: dict[TopicPartition, tuple[int, int]] = {}
+def span(items: Iterable[Item]) -> tuple[dict[TopicPartition, Span], tuple[int, int]]:
+    """Offset span per partition and event-time bounds (epoch seconds) of some rows."""
+    ranges: dict[TopicPartition, Span] = {}
     low, high = 2**63, -1
     for item in items:
         tp = (item.topic, item.partition)
         first, last = ranges.get(tp, (item.offset, item.offset))
-        ranges[tp] = (min(first, item.offset), max(last, item.offset))
+        ranges[tp] = Span(min(first, item.offset), max(last, item.offset))
         low, high = min(low, item.time_ms), max(high, item.time_ms)
     return ranges, (low // 1000, high // 1000)
 

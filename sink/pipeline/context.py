@@ -10,16 +10,18 @@ from sink.operations.metrics import Metrics
 from sink.operations.vitals import Vitals
 from sink.pipeline.topics import TopicKeys
 from sink.stores.dedup import DedupStore
+from sink.stores.keys import DedupKeys
 
 
 @dataclass(frozen=True)
 class Context:
     """One worker's configuration, its topics' storage keys, its dedup store (None when dedup
-    is off), and where it reports: metrics, vitals, log."""
+    is off) and the keys it writes there, and where it reports: metrics, vitals, log."""
 
     config: Config
     topics: TopicKeys
     store: DedupStore | None
+    keys: DedupKeys
     metrics: Metrics
     vitals: Vitals
     log: Any

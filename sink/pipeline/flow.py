@@ -19,8 +19,8 @@ from typing import Any
 from aiokafka import TopicPartition as KafkaTP
 
 from sink.config import Config
+from sink.coordinates import TopicPartition
 from sink.operations.metrics import Metrics
-from sink.pipeline.batch import TopicPartition
 from sink.pipeline.offsets import Assignments
 
 

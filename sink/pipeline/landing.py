@@ -13,22 +13,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from sink.coordinates import Coordinates, TopicPartition, coordinates_of
 from sink.errors import ClickHouseRejected, DependencyError, RedisUnavailable
 from sink.pipeline import decode as decoding
-from sink.pipeline.batch import (
-    Batch,
-    Coordinates,
-    Item,
-    Reject,
-    TopicPartition,
-    pending_ranges,
-    span,
-)
+from sink.pipeline.batch import Batch, Item, Reject, pending_ranges, span
 from sink.pipeline.consumer import DeadLetters, RebuiltRecord
 from sink.pipeline.context import Context
 from sink.pipeline.fencing import Ownership
 from sink.pipeline.retry import Retry
-from sink.stores import dedup, keys
+from sink.stores import dedup
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.landed import OffsetStore
 from sink.stores.clickhouse.native import InsertWithdrawn
@@ -53,7 +46,8 @@ class Landing:
         time_divisor: int,
     ) -> None:
         config = ctx.config
-        self.config, self.store, self.topics = config, ctx.store, ctx.topics
+        self.config, self.store, self.keys = config, ctx.store, ctx.keys
+        self.topics = ctx.topics
         self.metrics, self.vitals, self.log = ctx.metrics, ctx.vitals, ctx.log
         self.inserter = inserter
         self.offsets = offsets
@@ -61,7 +55,6 @@ class Landing:
         self.ownership = ownership
         self.retry = retry
         self.time_divisor = time_divisor
-        self.key_prefix = config.dedup.prefix
         # The server gives up on an INSERT whose client stopped sending for this long, so a
         # frozen worker's half-sent insert ends well before the group can hand its partitions
         # to another worker. Servers 20.x+ read the client's send_timeout as their receive
@@ -77,7 +70,7 @@ class Landing:
 
     def forget(self, tps: Sequence[TopicPartition]) -> None:
         gone = set(tps)
-        self.already_landed = {c for c in self.already_landed if (c[0], c[1]) not in gone}
+        self.already_landed = {c for c in self.already_landed if c[:2] not in gone}
 
     # ---------------------------------------------------------------- dedup
 
@@ -90,9 +83,9 @@ class Landing:
         if grouping is not None and grouping.added == len(batch.items):
             grouped = grouping.grouped
         else:  # grouped here if the batch changed after it was grouped
-            grouped = dedup.group(batch.items, self.key_prefix, self.topics.key)
+            grouped = dedup.group(batch.items, self.keys)
         pending = {
-            keys.pending_key(self.key_prefix, self.topics.key(t), p): pending.encode()
+            self.keys.pending(t, p): pending.encode()
             for (t, p), pending in pending_ranges(batch, behind).items()
         }
         store = self.store
@@ -109,7 +102,7 @@ class Landing:
             return list(grouped.firsts)
         self.metrics.dedup_seconds.observe(time.monotonic() - t0)
         self.vitals.ok("redis")
-        return dedup.keep(grouped, holders, self.topics.key)
+        return dedup.keep(grouped, holders, self.keys)
 
     # ---------------------------------------------------------------- insert
 
@@ -123,10 +116,9 @@ class Landing:
         fresh: list[Item] = []
         already: list[Item] = []
         for item in items:
-            coords = (item.topic, item.partition, item.offset)
-            (already if coords in found else fresh).append(item)
+            (already if coordinates_of(item) in found else fresh).append(item)
         if already:
-            found.difference_update((i.topic, i.partition, i.offset) for i in already)
+            found.difference_update(map(coordinates_of, already))
             batch.recovered = True
             self.log.warning(
                 "rows of an interrupted insert not inserted again",
@@ -213,7 +205,7 @@ class Landing:
             rows=len(present),
             ranges=describe(batch),
         )
-        return [r for r in rows if (r.topic, r.partition, r.offset) not in present]
+        return [r for r in rows if coordinates_of(r) not in present]
 
     async def _dead_letter_rows(self, batch: Batch, items: list[Item], why: str) -> None:
         """Rows ClickHouse refused: rebuild the event, dead-letter it, release its marker."""
@@ -223,11 +215,7 @@ class Landing:
         self.metrics.dead_letters.labels(decoding.REJECTED_BY_CLICKHOUSE).inc(len(items))
         if self.store is not None:
             store = self.store
-            markers = [
-                keys.identity_key(self.key_prefix, i.namespace, i.source, i.id) for i in items
-            ]
-            coords = [
-                keys.coordinates(self.topics.key(i.topic), i.partition, i.offset) for i in items
-            ]
+            markers = [self.keys.identity(i.namespace, i.source, i.id) for i in items]
+            coords = [self.keys.marker(coordinates_of(i)) for i in items]
             with contextlib.suppress(DependencyError):
                 await store.release(markers, coords)

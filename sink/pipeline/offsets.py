@@ -12,7 +12,8 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from sink.pipeline.batch import Batch, TopicPartition
+from sink.coordinates import TopicPartition
+from sink.pipeline.batch import Batch
 
 
 @dataclass

@@ -14,11 +14,10 @@ from typing import Any
 
 from aiokafka import TopicPartition as KafkaTP
 
-from sink.pipeline.batch import Coordinates, TopicPartition
+from sink.coordinates import Coordinates, Span, TopicPartition
 from sink.pipeline.context import Context
 from sink.pipeline.offsets import Assignments
 from sink.pipeline.topics import topic_ids
-from sink.stores import keys
 from sink.stores.clickhouse.landed import OffsetStore
 from sink.stores.keys import PendingRange
 
@@ -39,14 +38,13 @@ class Positioning:
         start_over: Callable[[Sequence[TopicPartition]], None],
     ) -> None:
         config = ctx.config
-        self.config, self.store, self.topics = config, ctx.store, ctx.topics
+        self.config, self.store, self.topics, self.keys = config, ctx.store, ctx.topics, ctx.keys
         self.metrics, self.log = ctx.metrics, ctx.log
         self.consumer = consumer
         self.assignments = assignments
         self.offsets = offsets
         self.start_over = start_over
         """Treats held partitions as newly assigned: what is held of them is dropped."""
-        self.key_prefix = config.dedup.prefix
         self._next_fetch: dict[TopicPartition, int] = {}
         """Offset each partition's next record should have: a smaller one means the log
         was reset under us (a topic deleted and created again)."""
@@ -157,8 +155,8 @@ class Positioning:
         raw table, landed offset not moved). Its pending range says where to look."""
         if self.store is None:
             return set()
-        where = [keys.pending_key(self.key_prefix, self.topics.key(t), p) for t, p in tps]
-        ranges: dict[TopicPartition, tuple[int, int]] = {}
+        where = [self.keys.pending(t, p) for t, p in tps]
+        ranges: dict[TopicPartition, Span] = {}
         low, high = 2**63, -1
         for tp, value in zip(tps, await self.store.pending(where), strict=True):
             if not value:
@@ -166,7 +164,7 @@ class Positioning:
             first, last, tmin, tmax = PendingRange.parse(value)
             start = max(first, landed.get(tp, -1) + 1)
             if last >= start:
-                ranges[tp] = (start, last)
+                ranges[tp] = Span(start, last)
                 low, high = min(low, tmin), max(high, tmax)
         if not ranges:
             return set()

@@ -1,13 +1,13 @@
-"""The worker: poll, decode, batch; then land each batch and commit, exactly once.
+"""The worker: the poll side fills batches, the flusher lands each one and commits, exactly once.
 
-Two tasks share the state. The poll loop fetches records, decodes them into the open batch and
-seals batches when a trigger fires; when it fetches, and from which partitions, is
-sink.pipeline.flow's. It never blocks on ClickHouse or Redis, so the consumer stays in its
-group. The flusher lands
-sealed batches one at a time, in order; `Worker._land` is the whole commit order, step by
+Two tasks share what the worker holds (sink.pipeline.intake.Intake). The poll loop (the
+intake) fetches records, decodes them into the open batch and seals it when a trigger fires;
+it never blocks on ClickHouse or Redis, so the consumer stays in its group. The flusher lands
+sealed batches one at a time, in order: `Worker._land` is the whole commit order, step by
 numbered step, with the guarantee each step gives. The steps' work is in
 sink.pipeline.landing, the fence in front of each insert in sink.pipeline.fencing, where a
-partition starts in sink.pipeline.positioning.
+partition starts in sink.pipeline.positioning. This module also answers the rebalance
+listener's calls, measures lag and reports `/status`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -24,32 +23,27 @@ from aiokafka import TopicPartition as KafkaTP
 from aiokafka.errors import KafkaError
 
 from sink.config import Config
-from sink.errors import DependencyError
-from sink.metering.meters import MeterIndex
+from sink.coordinates import TopicPartition
 from sink.operations.metrics import Metrics
 from sink.operations.vitals import Vitals
-from sink.pipeline import decode as decoding
-from sink.pipeline.batch import Batch, Item, Reject, TopicPartition, Triggers, due
-from sink.pipeline.consumer import DeadLetters, Namespaces, full_record
+from sink.pipeline.batch import Batch, Item
+from sink.pipeline.consumer import DeadLetters
 from sink.pipeline.context import Context
 from sink.pipeline.fencing import Abandoned, Ownership
 from sink.pipeline.flow import FlowControl
+from sink.pipeline.intake import Intake
 from sink.pipeline.landing import Landing, describe
 from sink.pipeline.offsets import Assignments
 from sink.pipeline.positioning import Positioning, names
-from sink.pipeline.retry import Backoff, Retry, jitter
+from sink.pipeline.retry import Retry
 from sink.pipeline.topics import TopicKeys
 from sink.stores import dedup
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.landed import OffsetStore
 from sink.stores.clickhouse.schema import topics_table
+from sink.stores.keys import DedupKeys
 
 log = structlog.get_logger("sink.worker")
-
-FETCH_RECORDS = 100
-"""Records the poll loop takes from aiokafka at a time. The poll loop yields to the flusher
-after each take, so one take's decoding is the longest any await of the flusher (a claim's
-replies, each step of an insert) waits for it; the size is measured in docs/performance.md."""
 
 
 class Worker:
@@ -70,12 +64,6 @@ class Worker:
         self.store = store
         self.topics = TopicKeys(reader, topics_table(config.clickhouse.offsets_table))
         self.metrics = metrics
-        self.triggers = Triggers(
-            config.batch.max_rows, config.batch.max_bytes, config.batch.max_wait
-        )
-        self.namespaces = Namespaces(config.kafka.topics_regex, config.events.namespace_header)
-        self.meter_check = MeterIndex(config.meters).check if config.meters else None
-        self.key_prefix = config.dedup.prefix
         self.assignments = Assignments()
         self.log = log
         self.vitals = Vitals(metrics)
@@ -93,7 +81,8 @@ class Worker:
             metrics=metrics,
             log=log,
         )
-        ctx = Context(config, self.topics, store, metrics, self.vitals, log)
+        keys = DedupKeys(config.dedup.prefix, self.topics.key)
+        ctx = Context(config, self.topics, store, keys, metrics, self.vitals, log)
         self.landing = Landing(
             ctx,
             inserter=inserter,
@@ -110,19 +99,19 @@ class Worker:
             offsets=OffsetStore(reader, config.clickhouse.offsets_table, self.topics),
             start_over=self._start_over,
         )
-
-        self._open = Batch()
-        self._sealed: deque[Batch] = deque()
-        self._flushing: Batch | None = None
+        self.flow = FlowControl(config, consumer, self.assignments, self.retry.blocked, metrics)
+        self.intake = Intake(
+            ctx,
+            consumer=consumer,
+            assignments=self.assignments,
+            positioning=self.positioning,
+            flow=self.flow,
+            found_landed=lambda found: self.landing.already_landed.update(found),
+        )
         self._ahead: tuple[Batch, asyncio.Task[list[Item] | None]] | None = None
         """The next batch and its claim, made while the current one lands."""
-        self._wake_flusher = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
-        self.flow = FlowControl(config, consumer, self.assignments, self.retry.blocked, metrics)
-        self._stopping = False
-        self._consumed: dict[str, Any] = {}
-        """The records-consumed counter of each topic seen."""
 
     # ---------------------------------------------------------------- rebalance listener
 
@@ -157,7 +146,7 @@ class Worker:
         # timeout, a little longer, is what the next owner waits for).
         budget = self.config.worker.drain_timeout
         self.assignments.begin_revoke(tps, time.monotonic() + budget)
-        self._seal()
+        self.intake.seal()
         try:
             await asyncio.wait_for(self._drained(), budget)
         except TimeoutError:
@@ -175,7 +164,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [
-            asyncio.create_task(self._poll_loop(), name="poll"),
+            asyncio.create_task(self.intake.run(), name="poll"),
             asyncio.create_task(self._flush_loop(), name="flush"),
             asyncio.create_task(self.ownership.clock.run(), name="clock"),
             asyncio.create_task(self._lag_loop(), name="lag"),
@@ -202,10 +191,10 @@ class Worker:
 
     async def _drain(self, poll: asyncio.Task[None]) -> None:
         """Stop fetching, land what is held, within the drain timeout."""
-        self._stopping = True
+        self.intake.stopping = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(poll, 5)
-        self._seal()
+        self.intake.seal()
         try:
             await asyncio.wait_for(self._drained(), self.config.worker.drain_timeout)
             self.log.info("drained")
@@ -213,114 +202,12 @@ class Worker:
             self.log.warning("drain timeout: unlanded records will be replayed by the next owner")
 
     async def _drained(self) -> None:
-        while self._sealed or self._flushing is not None:
+        while self.intake.sealed or self.intake.landing is not None:
             self._idle.clear()
-            self._wake_flusher.set()
+            self.intake.sealed_one.set()
             await self._idle.wait()
 
-    # ---------------------------------------------------------------- poll side
-
-    async def _poll_loop(self) -> None:
-        backoff = Backoff(self.config.worker.retry_initial, self.config.worker.retry_max)
-        while not self._stopping:
-            if self.assignments.pending:
-                await self._position_pending()
-            if await self.flow.wait_for_room(self._in_flight(), self._stopping, self._maybe_seal):
-                continue
-            try:
-                fetched = await self.consumer.getmany(
-                    timeout_ms=100, max_records=min(FETCH_RECORDS, self.triggers.max_rows)
-                )
-                backoff.reset()
-                self.vitals.ok("kafka")
-            except KafkaError as exc:
-                self.vitals.failed("kafka", exc)
-                await backoff.wait()
-                continue
-            for ktp, records in fetched.items():
-                tp = (ktp.topic, ktp.partition)
-                epoch = self.assignments.epochs.get(tp)
-                if not records or epoch is None or tp in self.assignments.pending:
-                    continue
-                if self.positioning.follows(tp, records[0].offset, records[-1].offset):
-                    self._add(tp, epoch, records)
-            self._maybe_seal()
-            self.flow.apply(self._in_flight())
-            # getmany does not yield while aiokafka holds fetched records: let heartbeats
-            # and the flusher run between polls.
-            await asyncio.sleep(0)
-
-    def _add(self, tp: TopicPartition, epoch: int, records: Sequence[Any]) -> None:
-        batch, topic, partition = self._open, tp[0], tp[1]
-        max_bytes = self.config.events.max_event_bytes
-        check = self.meter_check
-        namespace = self.namespaces.of_topic(topic)
-        by_header = self.config.events.namespace_header is not None
-        items, rejects = batch.items, batch.rejects
-        add, decode, event_type = items.append, decoding.decode, decoding.Event
-        nbytes = 0
-        for record in records:
-            value = record.value
-            nbytes += len(value) if value else 0
-            if by_header:
-                namespace = self.namespaces.of_record(topic, record.headers)
-            # The decoder makes the batch's row (an Item): the event with its coordinates.
-            offset, stamp = record.offset, record.timestamp
-            result = decode(value, namespace, max_bytes, check, topic, partition, offset, stamp)
-            if type(result) is event_type:
-                add(result)
-            else:
-                rejects.append(Reject(full_record(topic, partition, record), result))  # type: ignore[arg-type]
-        batch.nbytes += nbytes
-        batch.extend(tp, epoch, records[0].offset, records[-1].offset)
-        if self.store is not None:
-            # Grouped for dedup as they come, so the claim of a sealed batch waits for nothing.
-            # (A batch rebuilt without some partitions has no grouping: it starts from its
-            # first item.)
-            grouping = batch.grouping
-            if grouping is None:
-                grouping = batch.grouping = dedup.Grouping(self.key_prefix, self.topics.key)
-            grouping.add(items[grouping.added :])
-        consumed = self._consumed.get(topic)
-        if consumed is None:  # labels() takes a lock and builds a key: once per topic
-            consumed = self._consumed[topic] = self.metrics.consumed.labels(topic)
-        consumed.inc(len(records))
-
-    def _maybe_seal(self) -> None:
-        if due(self._open, self.triggers, time.monotonic()):
-            self._seal()
-
-    def _seal(self) -> None:
-        if self._open:
-            self._sealed.append(self._open)
-            self._open = Batch()
-            self._wake_flusher.set()
-
-    def _in_flight(self) -> tuple[int, int]:
-        batches = [self._open, *self._sealed]
-        if self._flushing is not None:
-            batches.append(self._flushing)
-        return sum(b.records for b in batches), sum(b.nbytes for b in batches)
-
-    async def _position_pending(self) -> None:
-        # A partition whose older batch is still being inserted waits: reading its landed
-        # offset now would miss that batch.
-        busy = set(self._flushing.ranges) if self._flushing is not None else set()
-        tps = [tp for tp in self.assignments.pending if tp not in busy]
-        if not tps:
-            return
-        try:
-            self.landing.already_landed |= await self.positioning.position(tps)
-        except DependencyError as exc:
-            self.vitals.failed(exc.dependency, exc)
-            self.log.warning(
-                "cannot read landed offsets, retrying",
-                dependency=exc.dependency,
-                error=str(exc)[:300],
-            )
-            await asyncio.sleep(jitter(self.config.worker.retry_initial))
-            return
-        self.vitals.ok("clickhouse")
+    # ---------------------------------------------------------------- partitions held
 
     def _start_over(self, tps: Sequence[TopicPartition]) -> None:
         """Treat held partitions as newly assigned: what is held of them is dropped (a new
@@ -331,9 +218,7 @@ class Worker:
 
     def _forget(self, tps: Sequence[TopicPartition]) -> None:
         """Drop everything held for partitions we no longer own."""
-        self._open = self._open.without(tps)
-        self._sealed = deque(b.without(tps) for b in self._sealed)
-        self._sealed = deque(b for b in self._sealed if b)
+        self.intake.forget(tps)
         self.flow.forget(tps)
         self.vitals.forget(tps)
         self.positioning.forget(tps)
@@ -343,22 +228,22 @@ class Worker:
 
     async def _flush_loop(self) -> None:
         """Batches land one at a time, in the order they were sealed (`_land`)."""
+        intake = self.intake
         try:
             while True:
-                if not self._sealed:
+                if not intake.sealed:
                     self._idle.set()
-                    self._wake_flusher.clear()
-                    await self._wake_flusher.wait()
+                    intake.sealed_one.clear()
+                    await intake.sealed_one.wait()
                     continue
-                batch = self._sealed.popleft()
-                self._flushing = batch
+                batch = intake.landing = intake.sealed.popleft()
                 try:
                     await self._land(batch, time.monotonic())
                 except Abandoned:
                     self.metrics.batches_dropped.inc()
                     self.log.info("batch dropped: partitions moved", ranges=describe(batch))
                 finally:
-                    self._flushing = None
+                    intake.landing = None
                     self.flow.room.set()
         finally:
             if self._ahead is not None:
@@ -413,8 +298,8 @@ class Worker:
                 claim.cancel()
         if kept is None:
             kept = await self.landing.claim(batch)
-        if self._sealed:
-            following = self._sealed[0]
+        if self.intake.sealed:
+            following = self.intake.sealed[0]
             self._ahead = (following, asyncio.create_task(self._claim_ahead(following, batch)))
         return kept
 
@@ -443,7 +328,7 @@ class Worker:
             await self._measure_lag()
 
     async def _measure_lag(self) -> None:
-        held = {tp for b in (self._open, *self._sealed, self._flushing) if b for tp in b.ranges}
+        held = {tp for b in self.intake.held() for tp in b.ranges}
         for tp in list(self.assignments.epochs):
             ktp = KafkaTP(*tp)
             high = highwater(self.consumer, ktp)
@@ -465,7 +350,7 @@ class Worker:
         return self.vitals.readiness(http.ready_dependency_grace, http.ready_stall_after)
 
     def status(self) -> dict[str, Any]:
-        rows, nbytes = self._in_flight()
+        rows, nbytes = self.intake.in_flight()
         partitions = [
             {
                 "topic": t,
@@ -480,7 +365,7 @@ class Worker:
         ]
         return {
             "worker": self.config.worker.id,
-            "state": "stopping" if self._stopping else "running",
+            "state": "stopping" if self.intake.stopping else "running",
             "partitions": partitions,
             "in_flight": {"rows": rows, "bytes": nbytes},
             "last_flush": self.vitals.last_flush,

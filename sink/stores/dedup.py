@@ -16,7 +16,7 @@ a later repeat of the same batch (a replay whose order changed), that repeat is 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from itertools import compress, count, repeat
 from operator import is_not
 from typing import Any, NamedTuple, Protocol
@@ -26,8 +26,9 @@ import redis.asyncio as redis_async
 import xxhash
 from redis.exceptions import RedisError, ResponseError
 
+from sink.coordinates import coordinates_of
 from sink.errors import RedisUnavailable
-from sink.stores.keys import coordinates, coordinates_head, framing
+from sink.stores.keys import DedupKeys, framing
 
 # A claim is one `SET key coords NX GET EX ttl` per identity, each atomic on its own, sent as
 # plain commands (a Lua script would copy every argument into and out of Lua), up to 10,000 to
@@ -347,21 +348,16 @@ class Grouped(NamedTuple):
     """Later items of a key that occurs more than once, by the key's index, in batch order."""
 
 
-def _plain(topic: str) -> str:
-    return topic
-
-
 class Grouping:
     """Groups items by identity key as they arrive: the hot path of dedup (one pass, no calls
-    per item beyond the hash, no object per identity). Coordinates name topics by
-    `topic_key` (their storage key)."""
+    per item beyond the hash, no object per identity). Keys and coordinates as `keys`
+    makes them."""
 
-    def __init__(self, prefix: bytes, topic_key: Callable[[str], str] = _plain) -> None:
+    def __init__(self, keys: DedupKeys) -> None:
         self.grouped = Grouped([], [], [], {})
         self.added = 0
         """How many items were added: the batch's first `added` items are grouped."""
-        self._prefix = prefix
-        self._topic_key = topic_key
+        self._keys = keys
         self._index: dict[bytes, int] = {}
         # Made once per batch: the framing of each (namespace, source). The coordinates' head
         # (`topic:partition:`) is made again only when the partition changes from one item to
@@ -372,7 +368,7 @@ class Grouping:
     def add(self, items: Sequence[Any]) -> None:
         keys, coords, firsts, repeats = self.grouped
         index, heads = self._index, self._heads
-        prefix, digest = self._prefix, xxhash.xxh3_128_digest
+        prefix, digest = self._keys.prefix, xxhash.xxh3_128_digest
         place, add_key, add_coords, add_first = (
             index.setdefault,
             keys.append,
@@ -389,6 +385,7 @@ class Grouping:
             head = heads.get(pair)
             if head is None:
                 head = heads[pair] = framing(*pair)
+            # DedupKeys.identity, inlined: the prefix and the digest of the framed identity.
             key = prefix + digest((head + item[1]).encode("utf-8", "surrogatepass"))
             slot = place(key, n)
             if slot == n:
@@ -396,7 +393,7 @@ class Grouping:
                 add_key(key)
                 if item[9] != partition or item[8] != topic:
                     topic, partition = item[8], item[9]
-                    at = coordinates_head(self._topic_key(topic), partition)
+                    at = self._keys.head(topic, partition)
                 add_coords(f"{at}{item[10]}".encode())
                 add_first(item)
             elif slot in repeats:
@@ -406,20 +403,18 @@ class Grouping:
         self._last = (topic, partition, at)
 
 
-def group(items: Sequence[Any], prefix: bytes, topic_key: Callable[[str], str] = _plain) -> Grouped:
+def group(items: Sequence[Any], keys: DedupKeys) -> Grouped:
     """A batch's items grouped by identity key, in one go."""
-    grouping = Grouping(prefix, topic_key)
+    grouping = Grouping(keys)
     grouping.add(items)
     return grouping.grouped
 
 
-def keep(
-    grouped: Grouped, holders: Sequence[bytes], topic_key: Callable[[str], str] = _plain
-) -> list[Any]:
+def keep(grouped: Grouped, holders: Sequence[bytes], keys: DedupKeys) -> list[Any]:
     """The items whose coordinates hold their identity's marker, in batch order of identity."""
-    keys, coords, firsts, repeats = grouped
-    if len(holders) != len(keys):
-        raise ValueError(f"{len(holders)} holders for {len(keys)} identity keys")
+    identities, coords, firsts, repeats = grouped
+    if len(holders) != len(identities):
+        raise ValueError(f"{len(holders)} holders for {len(identities)} identity keys")
     if not repeats:
         pairs = zip(firsts, coords, holders, strict=True)
         return [first for first, mine, holder in pairs if holder == mine]
@@ -428,9 +423,5 @@ def keep(
         if holder == mine:
             kept.append(first)
         elif slot in repeats:
-            kept.extend(
-                i
-                for i in repeats[slot]
-                if coordinates(topic_key(i.topic), i.partition, i.offset) == holder
-            )
+            kept.extend(i for i in repeats[slot] if keys.marker(coordinates_of(i)) == holder)
     return kept

@@ -11,9 +11,12 @@ again under its name gets other keys. The prefix is `dedup.key_prefix`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import xxhash
+
+from sink.coordinates import Coordinates
 
 
 def framing(namespace: str, source: str) -> str:
@@ -41,6 +44,36 @@ def coordinates(topic: str, partition: int, offset: int) -> bytes:
 def pending_key(prefix: bytes, topic: str, partition: int) -> bytes:
     """Where the offset range a worker is about to insert for a partition is written down."""
     return prefix + f"~pending:{topic}:{partition}".encode()
+
+
+def plain(topic: str) -> str:
+    """A topic's storage key when no incarnation is known: its name."""
+    return topic
+
+
+class DedupKeys:
+    """The dedup store's keys and values for one worker: every key starts with `prefix` and
+    names topics by their storage key (`topic_key`, see sink.pipeline.topics). The pipeline
+    speaks of topics by name and of records by `Coordinates`; this is where they become bytes.
+    """
+
+    def __init__(self, prefix: bytes, topic_key: Callable[[str], str] = plain) -> None:
+        self.prefix = prefix
+        self.topic_key = topic_key
+
+    def identity(self, namespace: str, source: str, event_id: str) -> bytes:
+        return identity_key(self.prefix, namespace, source, event_id)
+
+    def head(self, topic: str, partition: int) -> str:
+        """What the marker value of every record of one partition begins with."""
+        return coordinates_head(self.topic_key(topic), partition)
+
+    def marker(self, at: Coordinates) -> bytes:
+        """The value of the marker a record holds: its coordinates."""
+        return coordinates(self.topic_key(at.topic), at.partition, at.offset)
+
+    def pending(self, topic: str, partition: int) -> bytes:
+        return pending_key(self.prefix, self.topic_key(topic), partition)
 
 
 class PendingRange(NamedTuple):

@@ -16,10 +16,11 @@ from sink.pipeline.batch import Item
 from sink.pipeline.decode import Event
 from sink.stores import dedup
 from sink.stores.dedup import Grouping, MemoryDedup, group, keep
-from sink.stores.keys import coordinates, identity_key
+from sink.stores.keys import DedupKeys, coordinates, identity_key
 from tests.items import as_item
 
 PREFIX = b"sink:dedup:"
+KEYS = DedupKeys(PREFIX)
 
 
 def item(
@@ -38,9 +39,9 @@ def item(
 
 async def run(store: MemoryDedup, items: Sequence[Item]) -> list[Item]:
     """One batch through the rule: group, one claim call, keep."""
-    grouped = group(items, PREFIX)
+    grouped = group(items, KEYS)
     holders = await store.claim(grouped.keys, grouped.coords)
-    return keep(grouped, holders)
+    return keep(grouped, holders, KEYS)
 
 
 @pytest.fixture
@@ -129,7 +130,7 @@ def test_group_claims_only_the_first_occurrence() -> None:
         item("a", partition=1, offset=3),
         item("a", topic="x", offset=4),
     )
-    grouped = group([a1, b, a2, a3], PREFIX)
+    grouped = group([a1, b, a2, a3], KEYS)
     assert grouped.keys == [
         identity_key(PREFIX, "acme", "api", "a"),
         identity_key(PREFIX, "acme", "api", "b"),
@@ -148,9 +149,9 @@ def test_grouping_in_steps_is_grouping_at_once() -> None:
         item("b", topic="x", offset=5),
         item("a", offset=6),
     ]
-    once = group(batch, PREFIX)
+    once = group(batch, KEYS)
     for cut in range(len(batch) + 1):
-        steps = Grouping(PREFIX)
+        steps = Grouping(KEYS)
         steps.add(batch[:cut])
         steps.add(batch[cut:])
         assert steps.grouped == once, cut
@@ -167,13 +168,13 @@ def test_coordinates_follow_each_item_across_partitions_and_topics() -> None:
         item("d", topic="x", partition=1, offset=9),
         item("e", offset=10),
     ]
-    grouping = Grouping(PREFIX, topic_key=lambda topic: f"k{topic}")
+    grouping = Grouping(DedupKeys(PREFIX, topic_key=lambda topic: f"k{topic}"))
     for one in batch:
         grouping.add([one])
     assert grouping.grouped.coords == [
         coordinates(f"k{i.topic}", i.partition, i.offset) for i in batch
     ]
-    assert grouping.grouped == group(batch, PREFIX, lambda topic: f"k{topic}")
+    assert grouping.grouped == group(batch, DedupKeys(PREFIX, lambda topic: f"k{topic}"))
 
 
 async def test_in_batch_repeats_keep_only_the_first(store: MemoryDedup) -> None:
@@ -190,11 +191,11 @@ async def test_replay_with_changed_order_keeps_the_marker_holder(store: MemoryDe
     # batch 1 saw A@p0 first: A@p0 claimed the identity and was kept
     assert await run(store, [a_p0, a_p1]) == [a_p0]
     # crash before the insert; the replay fetches p1 before p0
-    grouped = group([a_p1, a_p0], PREFIX)
+    grouped = group([a_p1, a_p0], KEYS)
     assert grouped.coords == [coordinates(a_p1.topic, 1, 7)]
     holders = await store.claim(grouped.keys, grouped.coords)
     assert holders == [coordinates(a_p0.topic, 0, 5)]
-    assert keep(grouped, holders) == [a_p0]
+    assert keep(grouped, holders, KEYS) == [a_p0]
 
 
 async def test_changed_order_without_the_holder_drops_all(store: MemoryDedup) -> None:
@@ -204,21 +205,21 @@ async def test_changed_order_without_the_holder_drops_all(store: MemoryDedup) ->
 
 def test_keep_follows_batch_order_of_identity() -> None:
     x, y, z = item("x", offset=1), item("y", offset=2), item("z", offset=3)
-    grouped = group([x, y, z], PREFIX)
-    assert keep(grouped, grouped.coords) == [x, y, z]
-    assert keep(grouped, [grouped.coords[0], b"elsewhere", grouped.coords[2]]) == [x, z]
+    grouped = group([x, y, z], KEYS)
+    assert keep(grouped, grouped.coords, KEYS) == [x, y, z]
+    assert keep(grouped, [grouped.coords[0], b"elsewhere", grouped.coords[2]], KEYS) == [x, z]
 
 
 def test_keep_needs_one_holder_per_key() -> None:
-    grouped = group([item("x"), item("y", offset=1)], PREFIX)
+    grouped = group([item("x"), item("y", offset=1)], KEYS)
     with pytest.raises(ValueError):
-        keep(grouped, [grouped.coords[0]])
+        keep(grouped, [grouped.coords[0]], KEYS)
 
 
 def test_empty_batch() -> None:
-    grouped = group([], PREFIX)
+    grouped = group([], KEYS)
     assert grouped == ([], [], [], {})
-    assert keep(grouped, []) == []
+    assert keep(grouped, [], KEYS) == []
 
 
 # --- release --------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ async def test_released_identity_can_be_claimed_by_a_corrected_resend(
 ) -> None:
     bad = item("a", offset=1)
     await run(store, [bad])
-    grouped = group([bad], PREFIX)
+    grouped = group([bad], KEYS)
     assert await store.release(grouped.keys, grouped.coords) == 1
     resend = item("a", topic="om_acme_events", partition=2, offset=50)
     assert await run(store, [resend]) == [resend]

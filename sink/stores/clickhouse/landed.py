@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from sink.coordinates import Coordinates, Span, TopicPartition
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.sql import quote
 
@@ -40,7 +41,7 @@ class OffsetStore:
         self.table = offsets_table
         self.keys = keys or PlainNames()
 
-    async def landed(self, topics: Sequence[str]) -> dict[tuple[str, int], int]:
+    async def landed(self, topics: Sequence[str]) -> dict[TopicPartition, int]:
         if not topics:
             return {}
         names = ", ".join(quote(self.keys.key(t)) for t in sorted(set(topics)))
@@ -53,9 +54,9 @@ class OffsetStore:
     async def present(
         self,
         events_table: str,
-        ranges: Mapping[tuple[str, int], tuple[int, int]],
+        ranges: Mapping[TopicPartition, Span],
         time_bounds: tuple[int, int],
-    ) -> set[tuple[str, int, int]]:
+    ) -> set[Coordinates]:
         """Coordinates within `ranges` that are already in the raw table. Bounded by the
         rows' event time (epoch seconds) so only the months concerned are read."""
         if not ranges:
@@ -72,9 +73,9 @@ class OffsetStore:
             f"WHERE time >= toDateTime({int(low)}) AND time < toDateTime({int(high) + 1}) "
             f"AND ({which})"
         )
-        return {(self.keys.name(str(t)), int(p), int(o)) for t, p, o in rows}
+        return {Coordinates(self.keys.name(str(t)), int(p), int(o)) for t, p, o in rows}
 
-    async def record(self, landed: Mapping[tuple[str, int], int]) -> None:
+    async def record(self, landed: Mapping[TopicPartition, int]) -> None:
         """Write offsets of ranges that produced no raw rows (duplicates, dead letters)."""
         if not landed:
             return
