@@ -259,6 +259,27 @@ def values_schema() -> dict[str, Any]:
                 "grafanaDashboard": _strict(
                     {"enabled": BOOL, "labels": LABELS, "annotations": LABELS, "namespace": STRING}
                 ),
+                "apiServer": _strict(
+                    {
+                        "enabled": BOOL,
+                        "replicaCount": {"type": "integer", "minimum": 0},
+                        "existingSecret": STRING,
+                        "clickhouseUrlKey": {"type": "string", "minLength": 1},
+                        "clickhouseUrl": {"type": "string", "pattern": "^(|clickhouses?://.+)$"},
+                        "tokensSecret": STRING,
+                        "tokensKey": {"type": "string", "minLength": 1},
+                        "resources": _strict(
+                            {"requests": OBJECT, "limits": OBJECT, "claims": ARRAY}
+                        ),
+                        "podAnnotations": LABELS,
+                        "service": _strict(
+                            {
+                                "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                                "annotations": LABELS,
+                            }
+                        ),
+                    }
+                ),
             }
         ),
     }

@@ -1,4 +1,4 @@
-"""Command line: `sink run`, `sink check`, `sink migrate`."""
+"""Command line: `sink run`, `sink check`, `sink migrate`, `sink serve`."""
 
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="drop the tables of meters no longer configured (data is lost)",
     )
+    serve = commands.add_parser(
+        "serve", help="serve usage over HTTP (OpenMeter's meter API) until SIGTERM/SIGINT"
+    )
+    serve.add_argument("-c", "--config", required=True, help="YAML configuration file")
+
     usage = commands.add_parser("usage", help="print a meter's usage per window")
     usage.add_argument("-c", "--config", required=True)
     usage.add_argument("--meter", required=True, help="meter slug")
@@ -96,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "check":
             return _check(cfg)
+        if args.command == "serve":
+            from sink.api.server import serve  # the HTTP stack loads only for `serve`
+
+            _event_loop(serve(cfg), cfg.worker.use_uvloop)
+            return 0
         if args.command == "usage":
             return _usage(cfg, args)
         if args.command == "migrate":

@@ -211,6 +211,46 @@ class MigrationsConfig(_Section):
     """How often a running worker looks for a meter to make live or a backfill to resume."""
 
 
+class ApiToken(_Section):
+    """One bearer token of `sink serve`, stored as the SHA-256 of the token (hex), never the
+    token itself. `namespace: '*'` is an operator token: it reads every namespace."""
+
+    namespace: str = Field(min_length=1)
+    sha256: str
+    """Checked by `ApiConfig`, whose errors do not show the value: a token pasted here by
+    mistake must not be echoed."""
+
+    @field_validator("sha256")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
+
+
+class ApiConfig(_Section):
+    """`sink serve`: usage over HTTP (OpenMeter's meter API), its own process."""
+
+    host: str = "0.0.0.0"
+    port: int = Field(default=8090, ge=0, le=65535)
+    tokens: tuple[ApiToken, ...] = ()
+    max_rows: int = Field(default=100_000, gt=0)
+    """A query whose answer would have more rows is refused (400) instead of answered."""
+    connections: int = Field(default=4, gt=0)
+    """ClickHouse connections of one `sink serve` process: queries answered at once."""
+
+    @model_validator(mode="after")
+    def _digests(self) -> ApiConfig:
+        digests = [t.sha256 for t in self.tokens]
+        for index, digest in enumerate(digests):
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(
+                    f"api.tokens[{index}].sha256 must be the SHA-256 of the token as 64 hex "
+                    "digits (sha256sum), not the token"
+                )
+        if len(set(digests)) < len(digests):
+            raise ValueError("api.tokens: each token (sha256) may appear once")
+        return self
+
+
 class Config(_Section):
     meters: tuple[Meter, ...] = ()
     """Meters declared inline; `meters_file` may name a YAML file with more."""
@@ -224,6 +264,7 @@ class Config(_Section):
     http: HttpConfig = Field(default_factory=HttpConfig)
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     migrations: MigrationsConfig = Field(default_factory=MigrationsConfig)
+    api: ApiConfig = Field(default_factory=ApiConfig)
 
     @property
     def dlq_topic(self) -> str:
