@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
+# The services, and the ClickHouse cluster (2 shards x 2 replicas) the cluster tests use.
 stack-up:
-	$(STACK) up
+	$(STACK) up --cluster
 
 stack-down:
 	$(STACK) down
@@ -27,10 +28,12 @@ stack-down:
 stack-status:
 	$(STACK) status
 
-# Unit tests, then integration tests against the real Kafka, Redis and ClickHouse.
+# Unit tests, then integration tests against the real Kafka, Redis and ClickHouse (one server,
+# and the cluster: CLUSTER_ENV adds its name and nodes, CLICKHOUSE_URL stays the one server).
+CLUSTER_ENV = $(STACK) env --cluster | grep -E '^export (CLICKHOUSE_CLUSTER|CLICKHOUSE_NODES|ZOOKEEPER_HOSTS)='
 test: venv stack-up
 	bash scripts/toxiproxy.sh up
-	eval "$$($(STACK) env)" && $(PY) -m pytest $(PYTEST_ARGS)
+	eval "$$($(STACK) env)" && eval "$$($(CLUSTER_ENV))" && $(PY) -m pytest $(PYTEST_ARGS)
 
 # The fault suite alone, and its long soak variant.
 faults: venv stack-up

@@ -22,8 +22,16 @@ from sink.operations.metrics import Metrics
 from sink.pipeline.consumer import DeadLetters, ensure_topic, make_consumer, make_producer, security
 from sink.pipeline.retry import Backoff
 from sink.pipeline.worker import Worker
+from sink.stores.clickhouse.cluster import (
+    Node,
+    Replication,
+    Topology,
+    agreed_topology,
+    explicit,
+)
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.schema import time_divisor
+from sink.stores.clickhouse.shards import Shard
 from sink.stores.clickhouse.sql import ServerFeatures
 from sink.stores.dedup import RedisDedup
 
@@ -31,17 +39,72 @@ T = TypeVar("T")
 log = structlog.get_logger("sink.app")
 
 
-def clickhouse(config: Config) -> ClickHouse:
+def clickhouse(config: Config, node: Node | None = None) -> ClickHouse:
+    """A connection to the server in `clickhouse.url`, or to `node` of its cluster."""
     c = config.clickhouse
     return ClickHouse(
         c.url.get_secret_value(),
         connect_timeout=c.connect_timeout,
         query_timeout=c.query_timeout,
         compression=c.compression,
+        address=(node.host, node.port) if node is not None else None,
     )
 
 
+async def topology(config: Config) -> Topology:
+    """The shards and replicas the worker lands into: the cluster's, checked on every node
+    that answers, or the one server of `clickhouse.url` as one shard of one replica."""
+    c = config.clickhouse
+    if c.cluster is None:
+        ch = clickhouse(config)
+        params = ch._params  # the URL's host and port
+        await ch.close()
+        return Topology("", ((Node(1, 1, str(params["host"]), int(params["port"])),),))
+    if c.nodes is not None:
+        return explicit(c.cluster, c.nodes)
+    ch = clickhouse(config)
+    try:
+
+        async def connect(node: Node) -> ClickHouse:
+            return clickhouse(config, node)
+
+        return await agreed_topology(ch, c.cluster, connect)
+    finally:
+        await ch.close()
+
+
+def shards(config: Config, found: Topology) -> list[Shard]:
+    """A connection per shard, each going to a replica of it that answers."""
+    cluster = config.clickhouse.cluster is not None
+    if not cluster:
+        return [Shard(0, found.shards[0], lambda _node: clickhouse(config), replicated=False)]
+    return [
+        Shard(i, replicas, lambda node: clickhouse(config, node), replicated=True)
+        for i, replicas in enumerate(found.shards)
+    ]
+
+
+def insert_quorum(config: Config, found: Topology) -> int:
+    """`clickhouse.insert_quorum`, or 2 when every shard has 2 or more replicas."""
+    if config.clickhouse.insert_quorum is not None:
+        return config.clickhouse.insert_quorum
+    if config.clickhouse.cluster is None:
+        return 0
+    return 2 if min(len(s) for s in found.shards) >= 2 else 0
+
+
+def replication(config: Config, database: str) -> Replication | None:
+    """How tables are made on `clickhouse.cluster`; None on a single server."""
+    c = config.clickhouse
+    if c.cluster is None:
+        return None
+    return Replication(c.cluster, c.zookeeper_path.replace("{database}", database))
+
+
 def migrator(config: Config, ch: ClickHouse, features: ServerFeatures) -> Migrator:
+    """Migrations run on the server of `clickhouse.url`; on a cluster they are made ON
+    CLUSTER from there, and the migration lease lives there (so every worker's url names the
+    same node)."""
     m = config.migrations
     return Migrator(
         ch,
@@ -53,6 +116,7 @@ def migrator(config: Config, ch: ClickHouse, features: ServerFeatures) -> Migrat
         owner=config.worker.id,
         lease_timeout=m.lease_timeout,
         piece_rows=m.backfill_piece_rows,
+        replication=replication(config, ch.database),
     )
 
 
@@ -220,8 +284,12 @@ async def _run(config: Config, stop: asyncio.Event) -> None:
 
 
 async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: HealthServer) -> None:
-    reader, inserter = clickhouse(config), clickhouse(config)
+    found = await _until_up("clickhouse", lambda: topology(config), stop, config)
+    readers, inserters = shards(config, found), shards(config, found)
+    reader = readers[0]
     features: ServerFeatures = await _until_up("clickhouse", reader.features, stop, config)
+    if config.clickhouse.cluster is not None:
+        log.info("clickhouse cluster", topology=found.describe())
     log.info("clickhouse", version=".".join(map(str, features.version)))
     keeper = None
     if config.worker.migrate_on_start:
@@ -243,10 +311,11 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
         consumer=consumer,
         dead_letters=DeadLetters(producer, config.dlq_topic),
         store=store,
-        inserter=inserter,
-        reader=reader,
+        inserters=inserters,
+        readers=readers,
         time_divisor=divisor,
         metrics=metrics,
+        insert_quorum=insert_quorum(config, found),
     )
     http.target = _Status(worker, keeper)
     try:
@@ -285,8 +354,8 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
         if store is not None:
             with contextlib.suppress(Exception):
                 await store.close()
-        await reader.close()
-        await inserter.close()
+        for shard in (*readers, *inserters):
+            await shard.close()
         log.info("stopped")
 
 

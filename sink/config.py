@@ -140,6 +140,43 @@ class ClickHouseConfig(_Section):
     compression: Literal["none", "lz4", "zstd"] = "none"
     connect_timeout: Duration = 5.0
     query_timeout: Duration = 60.0
+    cluster: str | None = None
+    """A cluster of the servers' `remote_servers`: tables are made ON CLUSTER, Replicated, and
+    each partition lands on one shard. Unset: one server, as `url` names it."""
+    nodes: tuple[tuple[str, ...], ...] | None = None
+    """The cluster's nodes, a list of `host:port` replicas per shard, for setups where
+    `system.clusters` cannot be read or names addresses the worker cannot reach; unset,
+    they come from `system.clusters` on the server in `url`."""
+    zookeeper_path: str = "/clickhouse/sink/{database}"
+    """Where the replicated tables keep their state in ZooKeeper (or ClickHouse Keeper):
+    `<zookeeper_path>/<shard>/<table>`; `{database}` is the database of `url`."""
+    shard_by: Literal["partition", "namespace"] = "partition"
+    """Which shard a record lands on: by its Kafka topic and partition, or by its topic's
+    namespace (a customer's usage stays on one shard)."""
+    insert_quorum: int | None = Field(default=None, ge=0)
+    """Replicas that must have a batch before its insert is acknowledged; default 2 when every
+    shard has 2 or more replicas, else none (0)."""
+    insert_quorum_timeout: Duration = 20.0
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", value):
+            raise ValueError("a cluster name of the servers' remote_servers")
+        return value
+
+    @field_validator("zookeeper_path")
+    @classmethod
+    def _zookeeper_path(cls, value: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9_.{}-]+)+/?", value):
+            raise ValueError("an absolute ZooKeeper path, e.g. /clickhouse/sink/{database}")
+        return value
+
+    @model_validator(mode="after")
+    def _nodes_need_a_cluster(self) -> ClickHouseConfig:
+        if self.nodes is not None and self.cluster is None:
+            raise ValueError("clickhouse.nodes is given without clickhouse.cluster (its name)")
+        return self
 
     @field_validator("events_table", "offsets_table")
     @classmethod
@@ -276,6 +313,16 @@ class Config(_Section):
         repeated = sorted({s for s in slugs if slugs.count(s) > 1})
         if repeated:
             raise ValueError(f"meter slugs must be unique; repeated: {', '.join(repeated)}")
+        return self
+
+    @model_validator(mode="after")
+    def _shard_by_namespace_needs_topic_namespaces(self) -> Config:
+        if self.clickhouse.shard_by == "namespace" and self.events.namespace_header:
+            raise ValueError(
+                "clickhouse.shard_by: namespace needs the namespace from the topic name; with "
+                "events.namespace_header one partition holds several namespaces, whose rows "
+                "and landed offsets must stay on one shard: use shard_by: partition"
+            )
         return self
 
 

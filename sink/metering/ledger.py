@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from sink.stores.clickhouse.cluster import Replication
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.sql import quote
 
@@ -94,16 +95,23 @@ def backfill_version(slug: str, cutoff: int) -> str:
 
 
 class Ledger:
-    def __init__(self, ch: ClickHouse) -> None:
+    """`schema_migrations`; on a cluster made ON CLUSTER and replicated to every node alike."""
+
+    def __init__(self, ch: ClickHouse, replication: Replication | None = None) -> None:
         self.ch = ch
         self.table = ch.table("schema_migrations")
+        self.replication = replication
 
     async def bootstrap(self) -> None:
-        await self.ch.execute(f"CREATE DATABASE IF NOT EXISTS `{self.ch.database}`")
+        on, engine = "", "MergeTree()"
+        if self.replication is not None:
+            on = self.replication.on_cluster
+            engine = self.replication.engine("MergeTree", "schema_migrations", every_shard=True)
+        await self.ch.execute(f"CREATE DATABASE IF NOT EXISTS `{self.ch.database}`{on}")
         await self.ch.execute(
-            f"CREATE TABLE IF NOT EXISTS {self.table} (version String, checksum String, "
+            f"CREATE TABLE IF NOT EXISTS {self.table}{on} (version String, checksum String, "
             "state String, applied_at DateTime('UTC') DEFAULT now(), seq UInt64) "
-            "ENGINE = MergeTree() ORDER BY (version, seq)"
+            f"ENGINE = {engine} ORDER BY (version, seq)"
         )
 
     async def latest(self) -> dict[str, tuple[str, str]]:

@@ -27,8 +27,9 @@ from sink.metering.lease import Lease
 from sink.metering.ledger import APPLIED, LIVE, REMOVED, Ledger, Live, meter_version
 from sink.metering.meter_sql import MeterSQL, view_cutoff
 from sink.metering.meters import Meter
+from sink.stores.clickhouse.cluster import Replication
 from sink.stores.clickhouse.connection import ClickHouse
-from sink.stores.clickhouse.schema import Schema
+from sink.stores.clickhouse.schema import Schema, topics_table
 from sink.stores.clickhouse.sql import ServerFeatures, quote
 
 log = structlog.get_logger("sink.migrations")
@@ -41,6 +42,8 @@ class Migration:
     version: str
     statements: tuple[str, ...]
     checksum: str
+    tables: tuple[str, ...] = ()
+    """The tables it makes."""
 
 
 class _Names:
@@ -58,15 +61,31 @@ def _checksum(statements: Sequence[str]) -> str:
 
 
 def core(
-    ch: ClickHouse, features: ServerFeatures, events_table: str, offsets_table: str
+    ch: ClickHouse,
+    features: ServerFeatures,
+    events_table: str,
+    offsets_table: str,
+    replication: Replication | None = None,
 ) -> list[Migration]:
-    """The raw table, the landed-offsets table and the view between them."""
-    real = Schema(ch, features, events_table, offsets_table).statements()
+    """The raw table, the landed-offsets table and the view between them; on a cluster the
+    raw table's Distributed table too. The checksums are those of the single-server SQL, so a
+    version means the same tables wherever it was applied."""
+    real = Schema(ch, features, events_table, offsets_table, replication).statements()
     canonical = Schema(_Names("db"), CANONICAL, "events", "sink_offsets").statements()  # type: ignore[arg-type]
     return [
-        Migration(f"0001_events:{events_table}", (real[1],), _checksum(canonical[1:2])),
-        Migration(f"0002_offsets:{offsets_table}", tuple(real[2:4]), _checksum(canonical[2:4])),
-        Migration(f"0003_topics:{offsets_table}", (real[4],), _checksum(canonical[4:5])),
+        Migration(f"0001_events:{events_table}", (real[1], *real[5:]), _checksum(canonical[1:2])),
+        Migration(
+            f"0002_offsets:{offsets_table}",
+            tuple(real[2:4]),
+            _checksum(canonical[2:4]),
+            (offsets_table,),
+        ),
+        Migration(
+            f"0003_topics:{offsets_table}",
+            (real[4],),
+            _checksum(canonical[4:5]),
+            (topics_table(offsets_table),),
+        ),
     ]
 
 
@@ -98,15 +117,17 @@ class Migrator:
         lease_timeout: float = 10.0,
         piece_rows: int = 1_000_000,
         cutoff_margin: float = 5.0,
+        replication: Replication | None = None,
     ) -> None:
         self.ch = ch
         self.features = features
         self.events_table = events_table
-        self.migrations = core(ch, features, events_table, offsets_table)
+        self.replication = replication
+        self.migrations = core(ch, features, events_table, offsets_table, replication)
         self.meters = list(meters)
         self.piece_rows = piece_rows
         self.cutoff_margin = cutoff_margin
-        self.ledger = Ledger(ch)
+        self.ledger = Ledger(ch, replication)
         self.lease = Lease(ch, connect, owner, lease_timeout)
         self.backfills: dict[str, Progress] = {}
         """Backfills this process runs or ran, by meter slug."""
@@ -189,6 +210,14 @@ class Migrator:
         `core_only`: the raw and offset tables only, which a worker needs before it consumes.
         Without `backfill`, meters are made live (their views count from their cutoff on,
         which has passed on return) and their backfills are left for a later run."""
+        if self.replication is not None and self.meters and not core_only:
+            raise MigrationError(
+                "meters on a ClickHouse cluster are not supported yet (their tables and "
+                "backfills are per server): configure no meters with clickhouse.cluster, or "
+                "land into a single server; nothing was changed"
+            )
+        if self.replication is not None:
+            await self._refuse_unreplicated()
         await self.ledger.bootstrap()
         applied = await self.applied()
         self._check(applied)
@@ -220,6 +249,29 @@ class Migrator:
             return done
         finally:
             await self.lease.release()
+
+    async def _refuse_unreplicated(self) -> None:
+        """On a cluster, tables sink keeps must be Replicated: a table made on one server
+        earlier would take one replica's rows only, and the cluster would disagree."""
+        ours = [
+            self.events_table,
+            *(t for m in self.migrations for t in m.tables),
+            "schema_migrations",
+        ]
+        rows = await self.ch.query(
+            f"SELECT name, engine FROM system.tables WHERE database = {quote(self.ch.database)} "
+            f"AND name IN ({', '.join(quote(t) for t in sorted(set(ours)))}) "
+            "AND NOT startsWith(engine, 'Replicated') AND engine NOT IN "
+            "('MaterializedView', 'Distributed')"
+        )
+        if rows:
+            found = ", ".join(f"{name} ({engine})" for name, engine in rows)
+            raise MigrationError(
+                f"clickhouse.cluster is set but these tables exist on {self.ch.database!r} "
+                f"without replication: {found}; they were made for a single server. Copy "
+                "their rows into a cluster's tables (or drop them) before starting on the "
+                "cluster; nothing was changed"
+            )
 
     def _complete(
         self,

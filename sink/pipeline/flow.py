@@ -3,9 +3,10 @@
 - Room. While `batch.max_in_flight` records are held, the poll loop fetches nothing and waits
   for the flusher. The consumer keeps what it fetched ahead meanwhile (pausing would throw
   that away, to be fetched again).
-- Pausing. Partitions are paused while a dependency a retry waits for is down, while they are
-  being positioned, and when a wait for room outlasts a quarter of `max_poll_interval` (the
-  poll loop must keep polling to stay in the group). Otherwise nothing is paused.
+- Pausing. Partitions are paused while a dependency a retry of their lane waits for is down
+  (their shard's batches, see sink.pipeline.intake), while they are being positioned, and
+  when a wait for room outlasts a quarter of `max_poll_interval` (the poll loop must keep
+  polling to stay in the group). Otherwise nothing is paused.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from aiokafka import TopicPartition as KafkaTP
 from sink.config import Config
 from sink.coordinates import TopicPartition
 from sink.operations.metrics import Metrics
+from sink.pipeline.batch import Batch
 from sink.pipeline.offsets import Assignments
 
 
@@ -30,15 +32,18 @@ class FlowControl:
         config: Config,
         consumer: Any,
         assignments: Assignments,
-        blocked: list[str],
+        blocked: list[tuple[str, Batch]],
         metrics: Metrics,
+        shard_of: Callable[[TopicPartition], int] = lambda _tp: 0,
     ) -> None:
         self.max_in_flight = config.batch.max_in_flight
         self.patience = config.kafka.max_poll_interval / 4
         self.consumer = consumer
         self.assignments = assignments
         self.blocked = blocked
-        """Dependencies retries are waiting for (`Retry.blocked`)."""
+        """Dependencies retries are waiting for, with their batches (`Retry.blocked`)."""
+        self.shard_of = shard_of
+        """The lane of each partition: a blocked batch pauses the partitions of its lane."""
         self.metrics = metrics
         self.paused: set[TopicPartition] = set()
         self.room = asyncio.Event()
@@ -79,8 +84,7 @@ class FlowControl:
         """Pause and resume partitions as the rules above say; once per fetch."""
         rows = self._measure(in_flight)
         full = rows >= self.max_in_flight and self._waited_too_long(time.monotonic())
-        hold = full or bool(self.blocked)
-        if not (hold or self.assignments.pending or self.paused):
+        if not (full or self.blocked or self.assignments.pending or self.paused):
             # The usual case, once per fetch: nothing is paused and nothing should be.
             self.metrics.paused.set(0)
             return
@@ -89,7 +93,15 @@ class FlowControl:
         held = set(self.assignments.epochs) & {
             (t.topic, t.partition) for t in self.consumer.assignment()
         }
-        want = held if hold else set(self.assignments.pending) & held
+        if full:
+            want = held
+        else:
+            # A lane whose batch waits for a dependency holds up its own partitions only.
+            shard_of = self.shard_of
+            lanes = {shard_of(tp) for _, batch in self.blocked for tp in batch.ranges}
+            want = set(self.assignments.pending) & held
+            if lanes:
+                want |= {tp for tp in held if shard_of(tp) in lanes}
         to_pause, to_resume = want - self.paused, (self.paused & held) - want
         if to_pause:
             self.consumer.pause(*(KafkaTP(t, p) for t, p in to_pause))

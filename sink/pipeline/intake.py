@@ -1,9 +1,11 @@
-"""The poll side: fetched records become the open batch, which is sealed when a trigger fires.
+"""The poll side: fetched records become open batches, which are sealed when a trigger fires.
 
 The poll loop never waits on ClickHouse or Redis, so the consumer stays in its group: when it
 fetches, and from which partitions, is sink.pipeline.flow's; where a partition starts is
-sink.pipeline.positioning's. Sealed batches wait in `Intake.sealed`, in order, for the flusher
-(sink.pipeline.worker), which lands them one at a time.
+sink.pipeline.positioning's. Records go to the lane of their partition's shard (one lane on
+a single server, see sink.stores.clickhouse.shards); each lane's sealed batches wait in order
+for that lane's flusher (sink.pipeline.worker), which lands them one at a time. A shard that
+does not answer holds up its own lane only.
 """
 
 from __future__ import annotations
@@ -35,9 +37,40 @@ after each take, so one take's decoding is the longest any await of the flusher 
 replies, each step of an insert) waits for it; the size is measured in docs/performance.md."""
 
 
+class Lane:
+    """What the worker holds for one shard: the open batch, the sealed batches in order, and
+    the batch the lane's flusher is landing (`landing`, set by the flusher)."""
+
+    def __init__(self, shard: int) -> None:
+        self.shard = shard
+        self.open = Batch()
+        self.sealed: deque[Batch] = deque()
+        self.landing: Batch | None = None
+        self.sealed_one = asyncio.Event()
+        """Set when a batch is sealed: wakes the flusher."""
+        self.idle = asyncio.Event()
+        """Set while the flusher waits for a batch."""
+        self.idle.set()
+
+    def seal(self) -> None:
+        if self.open:
+            self.sealed.append(self.open)
+            self.open = Batch()
+            self.sealed_one.set()
+
+    def held(self) -> list[Batch]:
+        batches = [self.open, *self.sealed]
+        if self.landing is not None:
+            batches.append(self.landing)
+        return batches
+
+    def forget(self, tps: Sequence[TopicPartition]) -> None:
+        self.open = self.open.without(tps)
+        self.sealed = deque(b for b in (b.without(tps) for b in self.sealed) if b)
+
+
 class Intake:
-    """What the worker holds, and the poll loop that fills it: the open batch, the sealed
-    batches in order, and the batch the flusher is landing (`landing`, set by the flusher)."""
+    """What the worker holds, lane by lane, and the poll loop that fills it."""
 
     def __init__(
         self,
@@ -48,6 +81,8 @@ class Intake:
         positioning: Positioning,
         flow: FlowControl,
         found_landed: Callable[[set[Coordinates]], None],
+        shard_of: Callable[[TopicPartition], int],
+        shards: int,
     ) -> None:
         config = ctx.config
         self.config, self.metrics, self.vitals, self.log = config, ctx.metrics, ctx.vitals, ctx.log
@@ -63,11 +98,8 @@ class Intake:
         )
         self.namespaces = Namespaces(config.kafka.topics_regex, config.events.namespace_header)
         self.meter_check = MeterIndex(config.meters).check if config.meters else None
-        self.open = Batch()
-        self.sealed: deque[Batch] = deque()
-        self.landing: Batch | None = None
-        self.sealed_one = asyncio.Event()
-        """Set when a batch is sealed: wakes the flusher."""
+        self.shard_of = shard_of
+        self.lanes = [Lane(shard) for shard in range(shards)]
         self.stopping = False
         self._consumed: dict[str, Any] = {}
         """The records-consumed counter of each topic seen."""
@@ -112,8 +144,8 @@ class Intake:
             await asyncio.sleep(0)
 
     def add(self, tp: TopicPartition, epoch: int, records: Sequence[Any]) -> None:
-        """Decode fetched records of one partition into the open batch."""
-        batch, topic, partition = self.open, tp[0], tp[1]
+        """Decode fetched records of one partition into its lane's open batch."""
+        batch, topic, partition = self.lanes[self.shard_of(tp)].open, tp[0], tp[1]
         max_bytes = self.config.events.max_event_bytes
         check = self.meter_check
         namespace = self.namespaces.of_topic(topic)
@@ -149,21 +181,23 @@ class Intake:
         consumed.inc(len(records))
 
     def maybe_seal(self) -> None:
-        if due(self.open, self.triggers, time.monotonic()):
-            self.seal()
+        now = time.monotonic()
+        for lane in self.lanes:
+            if due(lane.open, self.triggers, now):
+                lane.seal()
 
     def seal(self) -> None:
-        if self.open:
-            self.sealed.append(self.open)
-            self.open = Batch()
-            self.sealed_one.set()
+        """Seal every lane's open batch."""
+        for lane in self.lanes:
+            lane.seal()
 
     def held(self) -> list[Batch]:
         """Every batch held, open, sealed or landing."""
-        batches = [self.open, *self.sealed]
-        if self.landing is not None:
-            batches.append(self.landing)
-        return batches
+        return [batch for lane in self.lanes for batch in lane.held()]
+
+    def drained(self) -> bool:
+        """Nothing sealed waits and nothing is landing."""
+        return all(not lane.sealed and lane.landing is None for lane in self.lanes)
 
     def in_flight(self) -> tuple[int, int]:
         """Records and bytes held."""
@@ -171,16 +205,16 @@ class Intake:
         return sum(b.records for b in batches), sum(b.nbytes for b in batches)
 
     def forget(self, tps: Sequence[TopicPartition]) -> None:
-        """Drop every record held of these partitions, except in the batch being landed (its
-        insert is fenced)."""
-        self.open = self.open.without(tps)
-        self.sealed = deque(b for b in (b.without(tps) for b in self.sealed) if b)
+        """Drop every record held of these partitions, except in the batches being landed
+        (their inserts are fenced)."""
+        for lane in self.lanes:
+            lane.forget(tps)
 
     async def _position_pending(self) -> bool:
         """Position newly assigned partitions; False if ClickHouse or Redis did not answer."""
         # A partition whose older batch is still being inserted waits: reading its landed
         # offset now would miss that batch.
-        busy = set(self.landing.ranges) if self.landing is not None else set()
+        busy = {tp for lane in self.lanes if lane.landing is not None for tp in lane.landing.ranges}
         tps = [tp for tp in self.assignments.pending if tp not in busy]
         if not tps:
             return True

@@ -22,10 +22,10 @@ from sink.pipeline.context import Context
 from sink.pipeline.fencing import Ownership
 from sink.pipeline.retry import Retry
 from sink.stores import dedup
-from sink.stores.clickhouse.connection import ClickHouse
-from sink.stores.clickhouse.landed import OffsetStore
+from sink.stores.clickhouse.landed import ShardedOffsets
 from sink.stores.clickhouse.native import InsertWithdrawn
 from sink.stores.clickhouse.schema import EVENT_COLUMNS, event_columns
+from sink.stores.clickhouse.shards import Shard
 
 
 def describe(batch: Batch) -> list[str]:
@@ -38,8 +38,9 @@ class Landing:
         self,
         ctx: Context,
         *,
-        inserter: ClickHouse,
-        offsets: OffsetStore,
+        inserters: Sequence[Shard],
+        offsets: ShardedOffsets,
+        insert_quorum: int = 0,
         dead_letters: DeadLetters,
         ownership: Ownership,
         retry: Retry,
@@ -49,7 +50,8 @@ class Landing:
         self.config, self.store, self.keys = config, ctx.store, ctx.keys
         self.topics = ctx.topics
         self.metrics, self.vitals, self.log = ctx.metrics, ctx.vitals, ctx.log
-        self.inserter = inserter
+        self.inserters = list(inserters)
+        """One per shard; each used by that shard's flusher only."""
         self.offsets = offsets
         self.dead_letters = dead_letters
         self.ownership = ownership
@@ -65,6 +67,13 @@ class Landing:
             "send_timeout": stall,
             **config.clickhouse.insert_settings,
         }
+        if insert_quorum > 1:
+            # Acknowledged only once `insert_quorum` replicas hold the block: an acknowledged
+            # batch survives the loss of the replica that took it.
+            self.insert_settings.setdefault("insert_quorum", insert_quorum)
+            self.insert_settings.setdefault(
+                "insert_quorum_timeout", int(config.clickhouse.insert_quorum_timeout * 1000)
+            )
         self.already_landed: set[Coordinates] = set()
         """Coordinates found in ClickHouse after an interrupted insert of a previous owner."""
 
@@ -127,25 +136,27 @@ class Landing:
             )
         return fresh, already
 
-    async def insert(self, batch: Batch, items: list[Item]) -> tuple[list[Item], list[Item]]:
-        """Insert rows in one block; on a data error, bisect to isolate the rows ClickHouse
-        refuses and dead-letter them. Halves are inserted in order, so a partition's landed
-        offset never jumps over rows that have not landed. Returns (landed, refused)."""
+    async def insert(
+        self, batch: Batch, items: list[Item], shard: int = 0
+    ) -> tuple[list[Item], list[Item]]:
+        """Insert rows in one block into `shard`; on a data error, bisect to isolate the rows
+        ClickHouse refuses and dead-letter them. Halves are inserted in order, so a partition's
+        landed offset never jumps over rows that have not landed. Returns (landed, refused)."""
         if not items:
             return [], []
         try:
-            await self._insert_block(batch, items)
+            await self._insert_block(batch, items, self.inserters[shard])
             return items, []
         except ClickHouseRejected as exc:
             if len(items) == 1:
                 await self._dead_letter_rows(batch, items, str(exc))
                 return [], items
         mid = len(items) // 2
-        left_ok, left_bad = await self.insert(batch, items[:mid])
-        right_ok, right_bad = await self.insert(batch, items[mid:])
+        left_ok, left_bad = await self.insert(batch, items[:mid], shard)
+        right_ok, right_bad = await self.insert(batch, items[mid:], shard)
         return left_ok + right_ok, left_bad + right_bad
 
-    async def _insert_block(self, batch: Batch, items: list[Item]) -> None:
+    async def _insert_block(self, batch: Batch, items: list[Item], inserter: Shard) -> None:
         unknown = False  # did an attempt fail after the block may have reached the server?
         ownership = self.ownership
 
@@ -177,7 +188,7 @@ class Landing:
 
                 t0 = time.monotonic()
                 try:
-                    await self.inserter.insert_columns(
+                    await inserter.insert_columns(
                         self.config.clickhouse.events_table,
                         EVENT_COLUMNS,
                         settings=self.insert_settings,

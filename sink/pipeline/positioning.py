@@ -18,7 +18,7 @@ from sink.coordinates import Coordinates, Span, TopicPartition
 from sink.pipeline.context import Context
 from sink.pipeline.offsets import Assignments
 from sink.pipeline.topics import topic_ids
-from sink.stores.clickhouse.landed import OffsetStore
+from sink.stores.clickhouse.landed import ShardedOffsets
 from sink.stores.keys import PendingRange
 
 
@@ -34,7 +34,7 @@ class Positioning:
         *,
         consumer: Any,
         assignments: Assignments,
-        offsets: OffsetStore,
+        offsets: ShardedOffsets,
         start_over: Callable[[Sequence[TopicPartition]], None],
     ) -> None:
         config = ctx.config
@@ -86,7 +86,7 @@ class Positioning:
         a previous owner's interrupted insert left in ClickHouse. Raises DependencyError when
         ClickHouse or Redis cannot answer (the partitions stay pending)."""
         changed = await self._resolve_topics(tps)
-        landed = await self.offsets.landed([t for t, _ in tps])
+        landed = await self.offsets.landed(tps)
         present = await self._find_interrupted(tps, landed)
         for tp in tps:
             self._next_fetch.pop(tp, None)

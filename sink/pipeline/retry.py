@@ -73,8 +73,9 @@ class Retry:
         self.vitals = vitals
         self.metrics = metrics
         self.log = log
-        self.blocked: list[str] = []
-        """Dependencies that retry loops are waiting for (one entry per waiting loop)."""
+        self.blocked: list[tuple[str, Batch]] = []
+        """The dependency each waiting retry loop waits for, and its batch (an entry per
+        waiting loop)."""
 
     async def __call__(
         self, op: Callable[[], Awaitable[T]], batch: Batch, give_up: bool = False
@@ -84,7 +85,7 @@ class Retry:
         backoff = Backoff(self.initial, self.maximum)
         attempt = 0
         failed = ""
-        blocked: str | None = None  # entered in self.blocked while this loop waits
+        blocked: tuple[str, Batch] | None = None  # in self.blocked while this loop waits
         try:
             while True:
                 try:
@@ -97,7 +98,7 @@ class Retry:
                     if give_up:
                         raise
                     if blocked is None:
-                        blocked = exc.dependency
+                        blocked = (exc.dependency, batch)
                         self.blocked.append(blocked)
                     self._report(exc, attempt)
                     await backoff.wait()

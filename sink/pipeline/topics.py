@@ -30,7 +30,7 @@ from aiokafka.protocol.types import (
 )
 
 from sink.errors import KafkaUnavailable
-from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.connection import Database
 from sink.stores.clickhouse.sql import quote
 
 _ZERO_ID = bytes(16)
@@ -158,7 +158,7 @@ def storage_key(name: str, topic_id: str, known: Mapping[str, str]) -> str:
 class TopicKeys:
     """Kafka topic name <-> storage key, for the topics this worker holds."""
 
-    def __init__(self, ch: ClickHouse | None, table: str) -> None:
+    def __init__(self, ch: Database | None, table: str) -> None:
         self.ch = ch
         self.table = table
         self._keys: dict[str, str] = {}

@@ -1,9 +1,10 @@
 """The worker: the poll side fills batches, the flusher lands each one and commits, exactly once.
 
-Two tasks share what the worker holds (sink.pipeline.intake.Intake). The poll loop (the
-intake) fetches records, decodes them into the open batch and seals it when a trigger fires;
-it never blocks on ClickHouse or Redis, so the consumer stays in its group. The flusher lands
-sealed batches one at a time, in order: `Worker._land` is the whole commit order, step by
+The poll loop and the flushers share what the worker holds (sink.pipeline.intake.Intake).
+The poll loop (the intake) fetches records, decodes them into the open batch of their
+partition's shard and seals it when a trigger fires; it never blocks on ClickHouse or Redis,
+so the consumer stays in its group. Each shard's flusher lands that shard's sealed batches
+one at a time, in order: `Worker._land` is the whole commit order, step by
 numbered step, with the guarantee each step gives. The steps' work is in
 sink.pipeline.landing, the fence in front of each insert in sink.pipeline.fencing, where a
 partition starts in sink.pipeline.positioning. This module also answers the rebalance
@@ -27,20 +28,20 @@ from sink.coordinates import TopicPartition
 from sink.operations.metrics import Metrics
 from sink.operations.vitals import Vitals
 from sink.pipeline.batch import Batch, Item
-from sink.pipeline.consumer import DeadLetters
+from sink.pipeline.consumer import DeadLetters, Namespaces
 from sink.pipeline.context import Context
 from sink.pipeline.fencing import Abandoned, Ownership
 from sink.pipeline.flow import FlowControl
-from sink.pipeline.intake import Intake
+from sink.pipeline.intake import Intake, Lane
 from sink.pipeline.landing import Landing, describe
 from sink.pipeline.offsets import Assignments
 from sink.pipeline.positioning import Positioning, names
 from sink.pipeline.retry import Retry
 from sink.pipeline.topics import TopicKeys
 from sink.stores import dedup
-from sink.stores.clickhouse.connection import ClickHouse
-from sink.stores.clickhouse.landed import OffsetStore
+from sink.stores.clickhouse.landed import OffsetStore, ShardedOffsets
 from sink.stores.clickhouse.schema import topics_table
+from sink.stores.clickhouse.shards import Shard, ShardRule
 from sink.stores.keys import DedupKeys
 
 log = structlog.get_logger("sink.worker")
@@ -54,15 +55,20 @@ class Worker:
         consumer: Any,
         dead_letters: DeadLetters,
         store: dedup.DedupStore | None,
-        inserter: ClickHouse,
-        reader: ClickHouse,
+        inserters: Sequence[Shard],
+        readers: Sequence[Shard],
         time_divisor: int,
         metrics: Metrics,
+        insert_quorum: int = 0,
     ) -> None:
+        """`inserters` and `readers`: one connection to each shard for the flushers, one
+        for positioning (a single server is one shard)."""
         self.config = config
         self.consumer = consumer
         self.store = store
-        self.topics = TopicKeys(reader, topics_table(config.clickhouse.offsets_table))
+        c = config.clickhouse
+        # The topic incarnations are the same on every shard: read from the first.
+        self.topics = TopicKeys(readers[0], topics_table(c.offsets_table))
         self.metrics = metrics
         self.assignments = Assignments()
         self.log = log
@@ -83,10 +89,18 @@ class Worker:
         )
         keys = DedupKeys(config.dedup.prefix, self.topics.key)
         ctx = Context(config, self.topics, store, keys, metrics, self.vitals, log)
+        namespaces = Namespaces(config.kafka.topics_regex, None)  # by topic: shard_by namespace
+        self.shard_of = ShardRule(len(inserters), c.shard_by, self.topics.key, namespaces.of_topic)
+
+        def ledger(shards: Sequence[Shard]) -> ShardedOffsets:
+            stores = [OffsetStore(s, c.offsets_table, self.topics) for s in shards]
+            return ShardedOffsets(stores, self.shard_of)
+
         self.landing = Landing(
             ctx,
-            inserter=inserter,
-            offsets=OffsetStore(inserter, config.clickhouse.offsets_table, self.topics),
+            inserters=inserters,
+            offsets=ledger(inserters),
+            insert_quorum=insert_quorum,
             dead_letters=dead_letters,
             ownership=self.ownership,
             retry=self.retry,
@@ -96,10 +110,12 @@ class Worker:
             ctx,
             consumer=consumer,
             assignments=self.assignments,
-            offsets=OffsetStore(reader, config.clickhouse.offsets_table, self.topics),
+            offsets=ledger(readers),
             start_over=self._start_over,
         )
-        self.flow = FlowControl(config, consumer, self.assignments, self.retry.blocked, metrics)
+        self.flow = FlowControl(
+            config, consumer, self.assignments, self.retry.blocked, metrics, self.shard_of
+        )
         self.intake = Intake(
             ctx,
             consumer=consumer,
@@ -107,11 +123,11 @@ class Worker:
             positioning=self.positioning,
             flow=self.flow,
             found_landed=lambda found: self.landing.already_landed.update(found),
+            shard_of=self.shard_of,
+            shards=len(inserters),
         )
-        self._ahead: tuple[Batch, asyncio.Task[list[Item] | None]] | None = None
-        """The next batch and its claim, made while the current one lands."""
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._ahead: dict[int, tuple[Batch, asyncio.Task[list[Item] | None]]] = {}
+        """Per lane, the next batch and its claim, made while the current one lands."""
 
     # ---------------------------------------------------------------- rebalance listener
 
@@ -165,7 +181,10 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         tasks = [
             asyncio.create_task(self.intake.run(), name="poll"),
-            asyncio.create_task(self._flush_loop(), name="flush"),
+            *(
+                asyncio.create_task(self._flush_loop(lane), name=f"flush-{lane.shard + 1}")
+                for lane in self.intake.lanes
+            ),
             asyncio.create_task(self.ownership.clock.run(), name="clock"),
             asyncio.create_task(self._lag_loop(), name="lag"),
         ]
@@ -202,10 +221,12 @@ class Worker:
             self.log.warning("drain timeout: unlanded records will be replayed by the next owner")
 
     async def _drained(self) -> None:
-        while self.intake.sealed or self.intake.landing is not None:
-            self._idle.clear()
-            self.intake.sealed_one.set()
-            await self._idle.wait()
+        while not self.intake.drained():
+            for lane in self.intake.lanes:
+                if lane.sealed or lane.landing is not None:
+                    lane.idle.clear()
+                    lane.sealed_one.set()
+                    await lane.idle.wait()
 
     # ---------------------------------------------------------------- partitions held
 
@@ -219,6 +240,7 @@ class Worker:
     def _forget(self, tps: Sequence[TopicPartition]) -> None:
         """Drop everything held for partitions we no longer own."""
         self.intake.forget(tps)
+        self.shard_of.forget(tps)
         self.flow.forget(tps)
         self.vitals.forget(tps)
         self.positioning.forget(tps)
@@ -226,30 +248,30 @@ class Worker:
 
     # ---------------------------------------------------------------- flush side
 
-    async def _flush_loop(self) -> None:
-        """Batches land one at a time, in the order they were sealed (`_land`)."""
-        intake = self.intake
+    async def _flush_loop(self, lane: Lane) -> None:
+        """A lane's batches land one at a time, in the order they were sealed (`_land`)."""
         try:
             while True:
-                if not intake.sealed:
-                    self._idle.set()
-                    intake.sealed_one.clear()
-                    await intake.sealed_one.wait()
+                if not lane.sealed:
+                    lane.idle.set()
+                    lane.sealed_one.clear()
+                    await lane.sealed_one.wait()
                     continue
-                batch = intake.landing = intake.sealed.popleft()
+                batch = lane.landing = lane.sealed.popleft()
                 try:
-                    await self._land(batch, time.monotonic())
+                    await self._land(batch, lane, time.monotonic())
                 except Abandoned:
                     self.metrics.batches_dropped.inc()
                     self.log.info("batch dropped: partitions moved", ranges=describe(batch))
                 finally:
-                    intake.landing = None
+                    lane.landing = None
                     self.flow.room.set()
         finally:
-            if self._ahead is not None:
-                self._ahead[1].cancel()
+            ahead = self._ahead.pop(lane.shard, None)
+            if ahead is not None:
+                ahead[1].cancel()
 
-    async def _land(self, batch: Batch, started: float) -> None:
+    async def _land(self, batch: Batch, lane: Lane, started: float) -> None:
         """The commit order, exactly once. Each step retries its dependency until it answers;
         a batch whose partitions all moved away is abandoned (`Abandoned`), and the next owner
         replays it from the offsets ClickHouse has."""
@@ -258,18 +280,20 @@ class Worker:
         #    records kept are the holders, so a replay after a crash keeps its own records and
         #    drops only real duplicates. The batch's offset ranges are written down with the
         #    claim (pending), so a new owner finds an insert this worker did not finish.
-        kept = await self._claimed(batch)
+        kept = await self._claimed(batch, lane)
         # 2. Dead letters: invalid records go to the dead-letter topic before their offsets
         #    can be committed (at least once).
         await self.retry(lambda: landing.dead_letters.send(batch.rejects), batch)
         # 3. Rows that an earlier insert of these records landed (its outcome was unknown) are
         #    not inserted again.
         kept, already = landing.split_already_landed(batch, kept)
-        # 4. Fence and insert: one columnar block, sent only while this worker still owns every
-        #    partition in the epoch its records were read in (`sink.pipeline.fencing`, checked
-        #    at the last moment of the insert). Rows ClickHouse refuses are bisected out and
-        #    dead-lettered. The raw table's view moves the landed offsets in the same INSERT.
-        landed, poisoned = await landing.insert(batch, kept)
+        # 4. Fence and insert: one columnar block into the lane's shard (a replica of it that
+        #    answers; with insert_quorum, acknowledged once that many replicas hold it), sent
+        #    only while this worker still owns every partition in the epoch its records were
+        #    read in (`sink.pipeline.fencing`, checked at the last moment of the insert). Rows
+        #    ClickHouse refuses are bisected out and dead-lettered. The raw table's view moves
+        #    the landed offsets, on the same shard, in the same INSERT.
+        landed, poisoned = await landing.insert(batch, kept, lane.shard)
         landed += already
         batch = batch.without(self.assignments.lost(batch))
         # 5. Landed offsets of ranges that gave no row (duplicates, dead letters) are written
@@ -283,13 +307,13 @@ class Worker:
         summary = self.vitals.landed(batch, landed, poisoned, time.monotonic() - started)
         self.log.info("batch landed", ranges=describe(batch), **summary)
 
-    async def _claimed(self, batch: Batch) -> list[Item]:
+    async def _claimed(self, batch: Batch, lane: Lane) -> list[Item]:
         """Step 1 for `batch`: the claim made ahead for it while the batch before it was being
         inserted, or a claim now; then the claim of the next sealed batch starts ahead, so
         Redis and ClickHouse work at once. (Claiming is idempotent: a record finds its own
         coordinates on a second claim.)"""
         kept = None
-        ahead, self._ahead = self._ahead, None
+        ahead = self._ahead.pop(lane.shard, None)
         if ahead is not None:
             early, claim = ahead
             if early is batch:
@@ -298,9 +322,10 @@ class Worker:
                 claim.cancel()
         if kept is None:
             kept = await self.landing.claim(batch)
-        if self.intake.sealed:
-            following = self.intake.sealed[0]
-            self._ahead = (following, asyncio.create_task(self._claim_ahead(following, batch)))
+        if lane.sealed:
+            following = lane.sealed[0]
+            claim = asyncio.create_task(self._claim_ahead(following, batch))
+            self._ahead[lane.shard] = (following, claim)
         return kept
 
     async def _claim_ahead(self, batch: Batch, behind: Batch) -> list[Item] | None:

@@ -425,3 +425,21 @@ def test_secrets_are_hidden_in_repr_of_a_valid_config() -> None:
 )
 def test_values_of_misspelt_or_misplaced_secrets_are_not_shown(data: dict[str, Any]) -> None:
     assert "hunter2" not in error(data)
+
+
+def test_a_cluster_configuration_is_checked() -> None:
+    cfg = config.build(
+        {"clickhouse": {"cluster": "sink_cluster", "nodes": [["a:9000", "b:9000"], ["c:9000"]]}}
+    )
+    assert cfg.clickhouse.nodes == (("a:9000", "b:9000"), ("c:9000",))
+    with pytest.raises(ConfigError, match=r"nodes is given without clickhouse\.cluster"):
+        config.build({"clickhouse": {"nodes": [["a:9000"]]}})
+    with pytest.raises(ConfigError, match=r"shard_by: namespace"):
+        config.build(
+            {
+                "clickhouse": {"cluster": "c", "shard_by": "namespace"},
+                "events": {"namespace_header": "ns"},
+            }
+        )
+    with pytest.raises(ConfigError, match="zookeeper_path"):
+        config.build({"clickhouse": {"zookeeper_path": "relative/path"}})

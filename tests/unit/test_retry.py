@@ -44,7 +44,7 @@ def failing(
 
     async def op() -> str:
         nonlocal calls
-        seen.append(list(r.blocked))
+        seen.append([dependency for dependency, _batch in r.blocked])
         calls += 1
         if calls <= times:
             raise error

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from asynch.errors import ClickHouseException, ColumnException, ServerException
 from asynch.proto.connection import Connection as NativeConnection
@@ -43,6 +43,30 @@ DATA_ERROR_CODES = frozenset(
 _ENCODING_ERRORS = (TypeError, ValueError, OverflowError, UnicodeError, KeyError, struct.error)
 
 
+class Database(Protocol):
+    """What reads and writes need of a connection: one server's (`ClickHouse`) or one
+    shard's, through whichever replica answers (`sink.stores.clickhouse.shards.Shard`)."""
+
+    database: str
+
+    def table(self, name: str) -> str: ...
+
+    async def query(self, sql: str) -> list[tuple[Any, ...]]: ...
+
+    async def execute(self, sql: str, settings: Mapping[str, Any] | None = None) -> None: ...
+
+    async def insert_columns(
+        self,
+        table: str,
+        columns: Sequence[str],
+        data: Sequence[Sequence[Any]] | None = None,
+        settings: Mapping[str, Any] | None = None,
+        *,
+        prepare: Callable[[], Sequence[Sequence[Any]] | None] | None = None,
+        query_id: str = "",
+    ) -> int: ...
+
+
 class ClickHouse:
     """One native connection with timeouts, error classification and reconnect on failure.
 
@@ -50,12 +74,22 @@ class ClickHouse:
     """
 
     def __init__(
-        self, url: str, *, connect_timeout: float, query_timeout: float, compression: str = "none"
+        self,
+        url: str,
+        *,
+        connect_timeout: float,
+        query_timeout: float,
+        compression: str = "none",
+        address: tuple[str, int] | None = None,
     ) -> None:
+        """`address` (host, port) replaces the URL's: another node of the same cluster, with
+        the URL's user, password, database and options."""
         try:
             params = parse_dsn(url)
         except Exception as exc:  # the driver raises its own DSNError or ValueError
             raise ConfigError(f"clickhouse.url: {exc}") from None
+        if address is not None:
+            params["host"], params["port"] = address
         self.database: str = params.pop("database", "default")
         params.setdefault("connect_timeout", connect_timeout)
         # `_guard` bounds each query as a whole (query_timeout). The driver's own per-read

@@ -1,14 +1,21 @@
 """The landed-offset ledger in ClickHouse, the source of truth for what landed: the offsets
 table (written by the raw table's view for inserted rows, and directly for ranges that gave no
-row) and the coordinates already in the raw table."""
+row) and the coordinates already in the raw table.
+
+On a cluster each partition's ledger is on its shard (sink.stores.clickhouse.shards):
+`ShardedOffsets` asks the shard of each partition. Before it looks for the coordinates of an
+insert whose outcome is unknown, the replica asked first fetches every part its shard has
+committed (`Shard.sync`): an insert another replica took is then seen, not inserted twice.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from sink.coordinates import Coordinates, Span, TopicPartition
-from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.connection import Database
+from sink.stores.clickhouse.shards import Shard
 from sink.stores.clickhouse.sql import quote
 
 OFFSET_COLUMNS = ("topic", "kafka_partition", "landed_offset")
@@ -36,7 +43,7 @@ class OffsetStore:
     """Reads and writes landed offsets in ClickHouse, the source of truth for what landed.
     Takes and returns Kafka topic names; stores under their storage keys."""
 
-    def __init__(self, ch: ClickHouse, offsets_table: str, keys: StorageKeys | None = None) -> None:
+    def __init__(self, ch: Database, offsets_table: str, keys: StorageKeys | None = None) -> None:
         self.ch = ch
         self.table = offsets_table
         self.keys = keys or PlainNames()
@@ -68,6 +75,8 @@ class OffsetStore:
             for (t, p), (first, last) in sorted(ranges.items())
         )
         low, high = time_bounds
+        if isinstance(self.ch, Shard):
+            await self.ch.sync(events_table)
         rows = await self.ch.query(
             f"SELECT _topic, _partition, _offset FROM {self.ch.table(events_table)} "
             f"WHERE time >= toDateTime({int(low)}) AND time < toDateTime({int(high) + 1}) "
@@ -86,3 +95,46 @@ class OffsetStore:
             [o for _, o in items],
         ]
         await self.ch.insert_columns(self.table, OFFSET_COLUMNS, data)
+
+
+class ShardedOffsets:
+    """The landed-offset ledger of every shard: each partition's read and written on the
+    shard `shard_of` gives it. Takes and returns what `OffsetStore` does."""
+
+    def __init__(
+        self, stores: Sequence[OffsetStore], shard_of: Callable[[TopicPartition], int]
+    ) -> None:
+        self.stores = list(stores)
+        self.shard_of = shard_of
+
+    def _by_shard(self, tps: Iterable[TopicPartition]) -> dict[int, list[TopicPartition]]:
+        groups: dict[int, list[TopicPartition]] = {}
+        for tp in tps:
+            groups.setdefault(self.shard_of(tp), []).append(tp)
+        return groups
+
+    async def landed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        """The landed offset of each of `tps` that has one."""
+        out: dict[TopicPartition, int] = {}
+        for shard, group in self._by_shard(tps).items():
+            landed = await self.stores[shard].landed(sorted({t for t, _ in group}))
+            out.update((tp, landed[tp]) for tp in group if tp in landed)
+        return out
+
+    async def present(
+        self,
+        events_table: str,
+        ranges: Mapping[TopicPartition, Span],
+        time_bounds: tuple[int, int],
+    ) -> set[Coordinates]:
+        found: set[Coordinates] = set()
+        for shard, group in self._by_shard(ranges).items():
+            mine = {tp: ranges[tp] for tp in group}
+            found |= await self.stores[shard].present(events_table, mine, time_bounds)
+        return found
+
+    async def record(self, landed: Mapping[TopicPartition, int]) -> None:
+        # One shard after another (each store has one connection): a retry after a failure
+        # writes again what was written, which the ledger's max() makes harmless.
+        for shard, group in self._by_shard(landed).items():
+            await self.stores[shard].record({tp: landed[tp] for tp in group})

@@ -10,7 +10,8 @@ from typing import Any
 
 from sink.errors import ClickHouseUnavailable
 from sink.pipeline.decode import Event
-from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.cluster import Replication
+from sink.stores.clickhouse.connection import ClickHouse, Database
 from sink.stores.clickhouse.landed import StorageKeys
 from sink.stores.clickhouse.sql import ServerFeatures, quote
 
@@ -31,15 +32,26 @@ EVENT_COLUMNS = (
 
 
 class Schema:
-    """DDL for the raw events table, the landed-offsets table and the view between them."""
+    """DDL for the raw events table, the landed-offsets table and the view between them.
+
+    On a cluster (`replication`) every statement runs `ON CLUSTER` and every table is
+    Replicated: the raw and offsets tables per shard (a partition's rows and its landed
+    offsets live on one shard), the topic incarnations on every shard alike.
+    """
 
     def __init__(
-        self, ch: ClickHouse, features: ServerFeatures, events_table: str, offsets_table: str
+        self,
+        ch: ClickHouse,
+        features: ServerFeatures,
+        events_table: str,
+        offsets_table: str,
+        replication: Replication | None = None,
     ) -> None:
         self.ch = ch
         self.features = features
         self.events_table = events_table
         self.offsets_table = offsets_table
+        self.replication = replication
 
     @property
     def offsets_view(self) -> str:
@@ -55,14 +67,24 @@ class Schema:
     def _time(self) -> str:
         return "DateTime64(3, 'UTC')" if self.features.datetime64 else "DateTime('UTC')"
 
+    def _on(self) -> str:
+        return self.replication.on_cluster if self.replication is not None else ""
+
+    def _engine(self, engine: str, table: str, *args: str, every_shard: bool = False) -> str:
+        if self.replication is None:
+            return f"{engine}({', '.join(args)})"
+        return self.replication.engine(engine, table, *args, every_shard=every_shard)
+
     def statements(self) -> list[str]:
         events = self.ch.table(self.events_table)
         offsets = self.ch.table(self.offsets_table)
         view = self.ch.table(self.offsets_view)
+        topics = self.ch.table(self.topics_table)
         lc_string = self._lc("String")
+        on = self._on()
         return [
-            f"CREATE DATABASE IF NOT EXISTS `{self.ch.database}`",
-            f"""CREATE TABLE IF NOT EXISTS {events} (
+            f"CREATE DATABASE IF NOT EXISTS `{self.ch.database}`{on}",
+            f"""CREATE TABLE IF NOT EXISTS {events}{on} (
     namespace {lc_string},
     id String,
     type {lc_string},
@@ -76,30 +98,37 @@ class Schema:
     _topic {lc_string},
     _partition UInt32,
     _offset UInt64
-) ENGINE = MergeTree()
+) ENGINE = {self._engine("MergeTree", self.events_table)}
 PARTITION BY toYYYYMM(time)
 ORDER BY (namespace, type, subject, time, _topic, _partition, _offset)""",
-            f"""CREATE TABLE IF NOT EXISTS {offsets} (
+            f"""CREATE TABLE IF NOT EXISTS {offsets}{on} (
     topic String,
     kafka_partition UInt32,
     landed_offset UInt64,
     updated_at DateTime('UTC') DEFAULT now()
-) ENGINE = ReplacingMergeTree(landed_offset)
+) ENGINE = {self._engine("ReplacingMergeTree", self.offsets_table, "landed_offset")}
 ORDER BY (topic, kafka_partition)""",
-            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {view} TO {offsets} AS
+            f"""CREATE MATERIALIZED VIEW IF NOT EXISTS {view}{on} TO {offsets} AS
 SELECT toString(_topic) AS topic, toUInt32(_partition) AS kafka_partition,
     toUInt64(max(_offset)) AS landed_offset, now() AS updated_at
 FROM {events}
 GROUP BY _topic, _partition""",
             # Incarnations of each topic name, by Kafka topic id (see sink.pipeline.topics).
-            f"""CREATE TABLE IF NOT EXISTS {self.ch.table(self.topics_table)} (
+            f"""CREATE TABLE IF NOT EXISTS {topics}{on} (
     topic String,
     topic_id String,
     storage_key String,
     seen_at DateTime('UTC') DEFAULT now()
-) ENGINE = ReplacingMergeTree()
+) ENGINE = {self._engine("ReplacingMergeTree", self.topics_table, every_shard=True)}
 ORDER BY (topic, topic_id)""",
+            *self.distributed(),
         ]
+
+    def distributed(self) -> list[str]:
+        """On a cluster, a Distributed table over the raw table for reads: `<events>_all`."""
+        if self.replication is None:
+            return []
+        return [self.replication.distributed(self.ch, self.events_table)]
 
     async def apply(self) -> list[str]:
         """Create what is missing; returns the statements run (all idempotent)."""
@@ -110,7 +139,7 @@ ORDER BY (topic, topic_id)""",
         return done
 
 
-async def time_divisor(ch: ClickHouse, events_table: str) -> int:
+async def time_divisor(ch: Database, events_table: str) -> int:
     """From epoch milliseconds to the unit of the table's `time` column as it exists (a table
     made on an older server keeps DateTime after the server is upgraded)."""
     rows = await ch.query(

@@ -1,0 +1,440 @@
+"""sink on a real replicated, sharded ClickHouse cluster (2 shards x 2 replicas with ZooKeeper:
+`scripts/stack.sh up --cluster`): every partition's rows and landed offsets on one shard, by
+the documented rule, exact per shard and through the Distributed table, under kill -9 of the
+worker and a replica killed mid-stream.
+
+Needs CLICKHOUSE_CLUSTER and CLICKHOUSE_NODES (`scripts/stack.sh env --cluster`); the node
+kill needs the local stack's control script.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from sink.coordinates import Coordinates, Span
+from sink.stores.clickhouse.cluster import Node
+from sink.stores.clickhouse.connection import ClickHouse
+from sink.stores.clickhouse.landed import OffsetStore
+from sink.stores.clickhouse.shards import Shard, shard_of_partition
+from tests.conftest import STACK, Services
+from tests.integration.workload import REGEX, Workload, topics_for
+
+pytestmark = pytest.mark.cluster
+
+
+@dataclass
+class Cluster:
+    name: str
+    database: str
+    shards: list[list[str]]
+    """host:port of each replica, per shard."""
+    base: str
+    """clickhouse://user:@host:port of the first node, without a database."""
+
+    def url(self) -> str:
+        return f"{self.base}/{self.database}"
+
+    def connect(self, address: str, database: str | None = None) -> ClickHouse:
+        host, port = address.rsplit(":", 1)
+        return ClickHouse(
+            f"{self.base}/{database or self.database}",
+            connect_timeout=5,
+            query_timeout=120,
+            address=(host, int(port)),
+        )
+
+
+def _nodes() -> tuple[str, list[list[str]]]:
+    name, nodes = os.environ.get("CLICKHOUSE_CLUSTER"), os.environ.get("CLICKHOUSE_NODES")
+    if not name or not nodes:
+        pytest.skip('no ClickHouse cluster: `eval "$(scripts/stack.sh env --cluster)"`')
+    addresses = nodes.split(",")
+    half = len(addresses) // 2
+    return name, [addresses[:half], addresses[half:]]
+
+
+@pytest.fixture
+async def cluster(uid: str) -> AsyncIterator[Cluster]:
+    name, shards = _nodes()
+    c = Cluster(name, f"c_{uid}", shards, f"clickhouse://default:@{shards[0][0]}")
+    root = c.connect(shards[0][0], "default")
+    await root.execute(f"CREATE DATABASE IF NOT EXISTS {c.database} ON CLUSTER {name}")
+    yield c
+    await root.execute(f"DROP DATABASE IF EXISTS {c.database} ON CLUSTER {name}")
+    await root.close()
+
+
+async def _one(c: Cluster, address: str, sql: str) -> list[tuple[Any, ...]]:
+    ch = c.connect(address)
+    try:
+        return await ch.query(sql)
+    finally:
+        await ch.close()
+
+
+async def landed_on_shards(c: Cluster) -> list[dict[tuple[str, int], int]]:
+    """Each shard's landed offsets, read on its first replica that answers."""
+    out = []
+    for replicas in c.shards:
+        for address in replicas:
+            try:
+                rows = await _one(
+                    c,
+                    address,
+                    f"SELECT topic, kafka_partition, max(landed_offset) FROM "
+                    f"{c.database}.sink_offsets GROUP BY topic, kafka_partition",
+                )
+                break
+            except Exception:
+                rows = None
+        out.append({(t, p): o for t, p, o in rows or []})
+    return out
+
+
+async def wait_cluster_landed(
+    c: Cluster, ends: dict[tuple[str, int], int], timeout: float, alive: Callable[[], bool]
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        merged: dict[tuple[str, int], int] = {}
+        for shard in await landed_on_shards(c):
+            for tp, offset in shard.items():
+                merged[tp] = max(merged.get(tp, -1), offset)
+        missing = {tp: e - 1 for tp, e in ends.items() if merged.get(tp, -1) < e - 1}
+        if not missing:
+            return
+        assert alive(), f"worker exited; not landed: {missing}"
+        assert time.monotonic() < deadline, f"not landed in {timeout}s: {missing} ({merged})"
+        await asyncio.sleep(0.5)
+
+
+async def assert_cluster_exact(c: Cluster, work: Workload) -> None:
+    """Every shard exact on each of its replicas, its partitions those the shard rule gives
+    it and nobody else's, its landed offsets at their ends; through the Distributed table
+    every expected identity once."""
+    landed = await landed_on_shards(c)
+    for index, replicas in enumerate(c.shards):
+        counts = []
+        for address in replicas:
+            await _one(c, address, f"SYSTEM SYNC REPLICA {c.database}.events")
+            [(rows, identities, offsets)] = await _one(
+                c,
+                address,
+                f"SELECT count(), uniqExact(namespace, source, id), "
+                f"uniqExact(_topic, _partition, _offset) FROM {c.database}.events",
+            )
+            assert rows == identities == offsets, (address, rows, identities, offsets)
+            counts.append(rows)
+        assert len(set(counts)) == 1, f"replicas of shard {index + 1} differ: {counts}"
+        partitions = await _one(
+            c, replicas[0], f"SELECT DISTINCT _topic, _partition FROM {c.database}.events"
+        )
+        for topic, partition in partitions:
+            assert shard_of_partition(topic, partition, len(c.shards)) == index, (
+                f"{topic}/{partition} landed on shard {index + 1} against the shard rule"
+            )
+        for (topic, partition), offset in landed[index].items():
+            assert shard_of_partition(topic, partition, len(c.shards)) == index
+            assert offset == work.ends[(topic, partition)] - 1
+    identities = {
+        (n, s, i)
+        for n, s, i in await _one(
+            c, c.shards[0][0], f"SELECT namespace, source, id FROM {c.database}.events_all"
+        )
+    }
+    [(rows,)] = await _one(c, c.shards[0][0], f"SELECT count() FROM {c.database}.events_all")
+    assert identities == work.expected
+    assert rows == len(work.expected)
+
+
+def _cluster_config(
+    sink_config: Callable[..., Path], c: Cluster, uid: str, **clickhouse: Any
+) -> Path:
+    return sink_config(
+        kafka={"topics_regex": REGEX.format(uid=uid)},
+        clickhouse={"url": c.url(), "cluster": c.name, **clickhouse},
+        batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 4000},
+        worker={"drain_timeout": "20s", "log_format": "json", "retry_max": "1s"},
+    )
+
+
+async def _landing(proc: Any, c: Cluster, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        assert proc.running, proc.logs()[-3000:]
+        if any(await landed_on_shards(c)):
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError("nothing landed")
+
+
+async def test_two_workers_killed_with_9_land_exactly_per_shard(
+    cluster: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+) -> None:
+    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
+    work = Workload(topics, namespaces, partitions=4, seed=31)
+    work.add(8000, duplicate_share=0.08, invalid_share=0.01)
+    config = _cluster_config(sink_config, cluster, uid)
+    # Two workers start at once: both migrate ON CLUSTER, one takes the lease.
+    first, second = run_sink(config, name="a"), run_sink(config, name="b")
+    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.25))
+    await _landing(first, cluster, time.monotonic() + 90)
+    for victim in ("a", "b", "a"):
+        await asyncio.sleep(1.5)
+        proc = first if victim == "a" else second
+        proc.kill()
+        await asyncio.sleep(0.5)
+        restarted = run_sink(config, name=victim)
+        first, second = (restarted, second) if victim == "a" else (first, restarted)
+    await sender
+    await wait_cluster_landed(cluster, work.ends, 180, lambda: first.running or second.running)
+    await assert_cluster_exact(cluster, work)
+    assert first.stop() == 0 and second.stop() == 0
+
+
+def _pid(service: str) -> int:
+    done = subprocess.run(["bash", str(STACK), "pid", service], capture_output=True, text=True)
+    return int(done.stdout.split()[0])
+
+
+def _stack(*args: str) -> None:
+    done = subprocess.run(["bash", str(STACK), *args], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+async def test_a_replica_killed_mid_stream_loses_and_doubles_nothing(
+    services: Services,
+    cluster: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+) -> None:
+    if services.control is None:
+        pytest.skip("needs the local stack's control script to kill a node")
+    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
+    work = Workload(topics, namespaces, partitions=4, seed=32)
+    work.add(6000, duplicate_share=0.05)
+    # Quorum 2: while a replica of a shard is down, that shard's partitions wait.
+    proc = run_sink(_cluster_config(sink_config, cluster, uid, insert_quorum_timeout="5s"))
+    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
+    await _landing(proc, cluster, time.monotonic() + 90)
+    _stack("kill", "clickhouse-1-2")
+    try:
+        await asyncio.sleep(1)
+        before = await landed_on_shards(cluster)
+        await asyncio.sleep(4)
+        during = await landed_on_shards(cluster)
+        assert proc.running
+    finally:
+        _stack("up", "clickhouse-1-2")
+    # Shard 1 could not reach its quorum meanwhile; shard 2 went on landing.
+    assert "dependency failed, retrying" in proc.logs()
+    assert sum(during[1].values()) > sum(before[1].values()), (before, during)
+    await sender
+    await wait_cluster_landed(cluster, work.ends, 180, lambda: proc.running)
+    await assert_cluster_exact(cluster, work)
+    assert proc.stop() == 0
+
+
+async def test_a_check_after_an_unknown_outcome_sees_what_another_replica_took(
+    cluster: Cluster, sink_config: Callable[..., Path], uid: str
+) -> None:
+    """The rows an insert left on one replica are found through the other replica before
+    anything is inserted again (`Shard.sync` then the coordinates' lookup)."""
+    from sink.app import migrate
+    from sink.config import load
+
+    await migrate(load(_cluster_config(sink_config, cluster, uid), {}))
+    shard = cluster.shards[0]
+    first = cluster.connect(shard[0])
+    topic = f"t_{uid}"
+    rows = [
+        ("ns", f"e{i}", "t", "s", "", 1_700_000_000, "{}", 1_700_000_000, "", topic, 0, i)
+        for i in range(50)
+    ]
+    columns = (
+        "namespace",
+        "id",
+        "type",
+        "source",
+        "subject",
+        "time",
+        "data",
+        "ingested_at",
+        "validation_error",
+        "_topic",
+        "_partition",
+        "_offset",
+    )
+    # Replica 2 stops fetching, so the rows exist on replica 1 only until it syncs.
+    second = cluster.connect(shard[1])
+    await second.execute(f"SYSTEM STOP FETCHES {cluster.database}.events")
+    await first.insert_columns("events", columns, [list(col) for col in zip(*rows, strict=True)])
+    [(before,)] = await second.query(f"SELECT count() FROM {cluster.database}.events")
+    assert before == 0
+    await second.execute(f"SYSTEM START FETCHES {cluster.database}.events")
+
+    host, port = shard[1].rsplit(":", 1)
+    replica_two = Shard(0, [Node(1, 2, host, int(port))], partial(_at, cluster), replicated=True)
+    store = OffsetStore(replica_two, "sink_offsets")
+    found = await store.present("events", {(topic, 0): Span(0, 99)}, (1_699_999_999, 1_700_000_001))
+    assert found == {Coordinates(topic, 0, i) for i in range(50)}
+    for ch in (first, second):
+        await ch.close()
+    await replica_two.close()
+
+
+def _at(c: Cluster, node: Node) -> ClickHouse:
+    return c.connect(node.address)
+
+
+async def test_a_cluster_unknown_to_the_servers_is_refused_before_anything_is_written(
+    cluster: Cluster, sink_config: Callable[..., Path], run_sink: Callable[..., Any], uid: str
+) -> None:
+    proc = run_sink(sink_config(clickhouse={"url": cluster.url(), "cluster": "no_such_cluster"}))
+    await asyncio.to_thread(proc.proc.wait, 60)  # refused at start: the process exits
+    assert not proc.running and proc.proc.returncode != 0
+    assert "knows no cluster 'no_such_cluster'" in proc.logs()
+    assert "sink_cluster" in proc.logs()
+    tables = await _one(
+        cluster,
+        cluster.shards[0][0],
+        f"SELECT name FROM system.tables WHERE database = '{cluster.database}'",
+    )
+    assert tables == []
+
+
+async def test_single_server_tables_on_a_cluster_are_refused(
+    cluster: Cluster, sink_config: Callable[..., Path], run_sink: Callable[..., Any], uid: str
+) -> None:
+    # A raw table made for one server, on the first node only.
+    await _one(
+        cluster,
+        cluster.shards[0][0],
+        f"CREATE TABLE {cluster.database}.events (x UInt8) ENGINE = MergeTree() ORDER BY x",
+    )
+    proc = run_sink(_cluster_config(sink_config, cluster, uid))
+    await asyncio.to_thread(proc.proc.wait, 60)  # refused at start: the process exits
+    assert not proc.running
+    assert "without replication: events (MergeTree)" in proc.logs()
+    tables = await _one(
+        cluster,
+        cluster.shards[0][0],
+        f"SELECT name FROM system.tables WHERE database = '{cluster.database}'",
+    )
+    assert [t for (t,) in tables] == ["events"]
+
+
+async def test_a_whole_shard_down_pauses_its_partitions_only(
+    services: Services,
+    cluster: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+) -> None:
+    if services.control is None:
+        pytest.skip("needs the local stack's control script to kill nodes")
+    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
+    work = Workload(topics, namespaces, partitions=4, seed=33)
+    work.add(6000, duplicate_share=0.05)
+    proc = run_sink(_cluster_config(sink_config, cluster, uid))
+    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
+    await _landing(proc, cluster, time.monotonic() + 90)
+    _stack("kill", "clickhouse-2-1", "clickhouse-2-2")
+    try:
+        await asyncio.sleep(1)
+        before = await landed_on_shards(cluster)
+        await asyncio.sleep(4)
+        during = await landed_on_shards(cluster)
+        assert proc.running
+    finally:
+        _stack("up", "clickhouse-2-1", "clickhouse-2-2")
+    assert sum(during[0].values()) > sum(before[0].values()), (before, during)
+    assert "shard 2 replica" in proc.logs()  # the failure names the shard and replica
+    await sender
+    await wait_cluster_landed(cluster, work.ends, 180, lambda: proc.running)
+    await assert_cluster_exact(cluster, work)
+    assert proc.stop() == 0
+
+
+async def test_a_zookeeper_restart_loses_and_doubles_nothing(
+    services: Services,
+    cluster: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+) -> None:
+    if services.control is None:
+        pytest.skip("needs the local stack's control script to kill ZooKeeper")
+    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
+    work = Workload(topics, namespaces, partitions=4, seed=34)
+    work.add(5000, duplicate_share=0.05)
+    proc = run_sink(_cluster_config(sink_config, cluster, uid))
+    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
+    await _landing(proc, cluster, time.monotonic() + 90)
+    _stack("kill", "zookeeper")
+    try:
+        await asyncio.sleep(3)
+        assert proc.running
+    finally:
+        _stack("up", "zookeeper")  # waits until replicated tables are writable again
+    await sender
+    await wait_cluster_landed(cluster, work.ends, 180, lambda: proc.running)
+    await assert_cluster_exact(cluster, work)
+    assert "dependency failed, retrying" in proc.logs()
+    assert proc.stop() == 0
+
+
+async def test_a_replica_frozen_past_the_quorum_timeout_loses_and_doubles_nothing(
+    services: Services,
+    cluster: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+) -> None:
+    """A quorum insert whose second replica is frozen fails after the quorum timeout with an
+    unknown outcome while the first replica has the rows: the retry must find them."""
+    if services.control is None:
+        pytest.skip("needs the local stack's control script to find the node")
+    pid = _pid("clickhouse-1-2")
+    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
+    work = Workload(topics, namespaces, partitions=4, seed=35)
+    work.add(5000, duplicate_share=0.05)
+    proc = run_sink(_cluster_config(sink_config, cluster, uid, insert_quorum_timeout="3s"))
+    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
+    await _landing(proc, cluster, time.monotonic() + 90)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(7)
+        assert proc.running
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await sender
+    await wait_cluster_landed(cluster, work.ends, 180, lambda: proc.running)
+    await assert_cluster_exact(cluster, work)
+    assert "dependency failed, retrying" in proc.logs()
+    assert proc.stop() == 0
