@@ -24,7 +24,6 @@ from sink.pipeline.retry import Backoff
 from sink.pipeline.worker import Worker
 from sink.stores.clickhouse.cluster import (
     Node,
-    Replication,
     Topology,
     agreed_topology,
     explicit,
@@ -32,7 +31,7 @@ from sink.stores.clickhouse.cluster import (
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.schema import time_divisor
 from sink.stores.clickhouse.shards import Shard
-from sink.stores.clickhouse.sql import ServerFeatures
+from sink.stores.clickhouse.sql import Replication, ServerFeatures
 from sink.stores.dedup import RedisDedup
 
 T = TypeVar("T")
@@ -117,6 +116,7 @@ def migrator(config: Config, ch: ClickHouse, features: ServerFeatures) -> Migrat
         lease_timeout=m.lease_timeout,
         piece_rows=m.backfill_piece_rows,
         replication=replication(config, ch.database),
+        connect_node=lambda node: clickhouse(config, node),
     )
 
 

@@ -210,6 +210,7 @@ def _usage(cfg: config.Config, args: argparse.Namespace) -> int:
                 window=args.window,
                 tz=args.tz,
                 group_by=args.group_by,
+                cluster=cfg.clickhouse.cluster,
             )
         finally:
             await ch.close()

@@ -53,6 +53,7 @@ class ClickHouseStore:
     def __init__(self, config: Config) -> None:
         c = config.clickhouse
         self._events_table = c.events_table
+        self._cluster = c.cluster
         self._idle: asyncio.Queue[ClickHouse] = asyncio.Queue()
         self._all = [
             ClickHouse(
@@ -94,6 +95,7 @@ class ClickHouseStore:
                 limit=query.limit + 1,
                 merge_namespaces=query.namespace is None,
                 features=self._features,
+                cluster=self._cluster,
             )
 
     async def records(self, meters: Sequence[Meter]) -> dict[str, MeterRecord]:

@@ -159,26 +159,31 @@ class Backfill:
         epoch: int,
         check: Callable[[], None],
         report: Callable[[Progress], None] | None = None,
+        shard: int | None = None,
     ) -> None:
+        """On a cluster, `ch` is a replica of `shard` (from 0): the backfill counts that
+        shard's rows, with records of its own; its staging tables stay on that replica."""
         self.ch = ch
+        self.shard = shard
         self.ledger = ledger
         self.sql = sql
         self.cutoff = cutoff
         self.piece_rows = piece_rows
         self.check = check
         self.report = report or (lambda _progress: None)
-        self.version = backfill_version(sql.meter.slug, cutoff)
+        self.version = backfill_version(sql.meter.slug, cutoff, shard)
         self.checksum = sql.meter.checksum()
         table = sql.meter.table
         self.collected = ch.table(f"_backfill_{table}")
         self.piece_stage = ch.table(f"_backfill{epoch}_{table}")
         self.month_stage = ch.table(f"_backfill{epoch}m_{table}")
-        self.progress = Progress(sql.meter.slug)
+        name = sql.meter.slug if shard is None else f"{sql.meter.slug} (shard {shard + 1})"
+        self.progress = Progress(name)
 
     async def run(self) -> None:
         for table in (self.collected, self.piece_stage, self.month_stage):
             await self.ch.execute(self.sql.create_table(table))
-        done = await self.ledger.backfill(self.sql.meter.slug, self.cutoff)
+        done = await self.ledger.backfill(self.sql.meter.slug, self.cutoff, self.shard)
         pieces = plan(await self._histogram(), self.piece_rows)
         months = sorted({p.month for p in pieces})
         p = self.progress

@@ -5,8 +5,9 @@ Rows are only ever added; the newest row of a version (by `seq`) is its state:
 - `0001_events:<table>` and the other core migrations: `applied`.
 - `meter:<slug>`: `live cutoff=<epoch s> piece_rows=<n>` (its table and view exist, the
   backfill is still to do), then `applied`; `removed` once dropped.
-- `backfill:<slug>:<cutoff>`: `plan rows=<n> months=<n>`, `piece <yyyymm> <origin> <rows>`,
-  `month <yyyymm>` (progress, see `sink.metering.backfill`).
+- `backfill:<slug>:<cutoff>` (on a cluster `...:shard<n>`, one per shard): `plan rows=<n>
+  months=<n>`, `piece <yyyymm> <origin> <rows>`, `month <yyyymm>` (progress, see
+  `sink.metering.backfill`).
 
 A meter's backfill records carry its cutoff, so a meter removed and added again starts a
 backfill of its own.
@@ -17,9 +18,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from sink.stores.clickhouse.cluster import Replication
 from sink.stores.clickhouse.connection import ClickHouse
-from sink.stores.clickhouse.sql import quote
+from sink.stores.clickhouse.sql import Replication, quote
 
 APPLIED = "applied"
 REMOVED = "removed"
@@ -90,8 +90,11 @@ def meter_version(slug: str) -> str:
     return f"meter:{slug}"
 
 
-def backfill_version(slug: str, cutoff: int) -> str:
-    return f"backfill:{slug}:{cutoff}"
+def backfill_version(slug: str, cutoff: int, shard: int | None = None) -> str:
+    """A backfill's records; on a cluster each shard's backfill has its own
+    (`backfill:<slug>:<cutoff>:shard<n>`, n from 1)."""
+    base = f"backfill:{slug}:{cutoff}"
+    return base if shard is None else f"{base}:shard{shard + 1}"
 
 
 class Ledger:
@@ -141,8 +144,8 @@ class Ledger:
                 return found
         return None
 
-    async def backfill(self, slug: str, cutoff: int) -> BackfillRecords:
-        return BackfillRecords.parse(await self.states(backfill_version(slug, cutoff)))
+    async def backfill(self, slug: str, cutoff: int, shard: int | None = None) -> BackfillRecords:
+        return BackfillRecords.parse(await self.states(backfill_version(slug, cutoff, shard)))
 
     async def record(self, version: str, checksum: str, state: str) -> None:
         await self.ch.insert_columns(

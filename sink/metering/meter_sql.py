@@ -9,7 +9,7 @@ from typing import NamedTuple
 import orjson
 
 from sink.metering.meters import NUMERIC, Meter, path
-from sink.stores.clickhouse.sql import ServerFeatures, quote
+from sink.stores.clickhouse.sql import Replication, ServerFeatures, distributed_name, quote
 
 _STATE = {
     "SUM": ("sum", "Float64"),
@@ -89,10 +89,19 @@ class MeterSQL:
     """SQL of one meter for one server: the table, the view, the backfill and the merge."""
 
     def __init__(
-        self, meter: Meter, features: ServerFeatures, database: str, events_table: str
+        self,
+        meter: Meter,
+        features: ServerFeatures,
+        database: str,
+        events_table: str,
+        replication: Replication | None = None,
     ) -> None:
+        """With `replication` (a cluster), the meter's table is Replicated per shard and made
+        ON CLUSTER with its view and a Distributed table over it (`table_all`); staging tables
+        stay local to the server that backfills."""
         self.meter = meter
         self.features = features
+        self.replication = replication
         self.db = database
         self.events = f"`{database}`.`{events_table}`"
         if not features.json_extract:
@@ -117,6 +126,17 @@ class MeterSQL:
     @property
     def view(self) -> str:
         return f"`{self.db}`.`{self.meter.view}`"
+
+    @property
+    def table_all(self) -> str:
+        """Where the meter is read: the Distributed table on a cluster, else the table."""
+        if self.replication is None:
+            return self.table
+        return f"`{self.db}`.`{distributed_name(self.meter.table)}`"
+
+    @property
+    def _on(self) -> str:
+        return self.replication.on_cluster if self.replication is not None else ""
 
     def _args(self, where: tuple[str, ...]) -> str:
         return ", ".join(quote(p) for p in where)
@@ -202,11 +222,15 @@ class MeterSQL:
         key, so the backfill can swap its own partitions without touching the view's rows."""
         groups = "".join(f"    `{c}` String,\n" for c in self.group_columns)
         order = ", ".join(["namespace", "subject", "window_start", *self.group_columns])
+        engine, on = "AggregatingMergeTree()", ""
+        if table is None and self.replication is not None:
+            engine = self.replication.engine("AggregatingMergeTree", self.meter.table)
+            on = self.replication.on_cluster
         return (
-            f"CREATE TABLE IF NOT EXISTS {table or self.table} (\n"
+            f"CREATE TABLE IF NOT EXISTS {table or self.table}{on} (\n"
             f"    namespace String,\n    subject String,\n    window_start DateTime('UTC'),\n"
             f"{groups}    value {self._state_type()},\n    _origin UInt32\n"
-            f") ENGINE = AggregatingMergeTree()\n"
+            f") ENGINE = {engine}\n"
             f"PARTITION BY (toYYYYMM(window_start), _origin)\nORDER BY ({order})"
         )
 
@@ -237,7 +261,7 @@ class MeterSQL:
         """The view counts rows stored from `cutoff` (epoch seconds) on, as `_origin` 0; the
         backfill counts the rows stored before it, so no row is counted twice or missed."""
         return (
-            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {self.view} TO {self.table} AS\n"
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS {self.view}{self._on} TO {self.table} AS\n"
             + self._select(f"stored_at >= toDateTime({cutoff})", 0)
         )
 
@@ -270,5 +294,16 @@ class MeterSQL:
             f"WHERE toYYYYMM(window_start) = {month}"
         )
 
+    def create_distributed(self) -> list[str]:
+        """On a cluster, the Distributed table the meter is read through."""
+        if self.replication is None:
+            return []
+        return [
+            f"CREATE TABLE IF NOT EXISTS {self.table_all}{self._on} AS {self.table} "
+            f"ENGINE = Distributed(`{self.replication.cluster}`, `{self.db}`, "
+            f"`{self.meter.table}`)"
+        ]
+
     def drop(self) -> list[str]:
-        return [f"DROP TABLE IF EXISTS {self.view}", f"DROP TABLE IF EXISTS {self.table}"]
+        dropped = [self.view, self.table] + ([self.table_all] if self.replication else [])
+        return [f"DROP TABLE IF EXISTS {name}{self._on}" for name in dropped]

@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -27,10 +28,10 @@ from sink.metering.lease import Lease
 from sink.metering.ledger import APPLIED, LIVE, REMOVED, Ledger, Live, meter_version
 from sink.metering.meter_sql import MeterSQL, view_cutoff
 from sink.metering.meters import Meter
-from sink.stores.clickhouse.cluster import Replication
+from sink.stores.clickhouse.cluster import Node, read_topology
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.schema import Schema, topics_table
-from sink.stores.clickhouse.sql import ServerFeatures, quote
+from sink.stores.clickhouse.sql import Replication, ServerFeatures, distributed_name, quote
 
 log = structlog.get_logger("sink.migrations")
 
@@ -118,8 +119,11 @@ class Migrator:
         piece_rows: int = 1_000_000,
         cutoff_margin: float = 5.0,
         replication: Replication | None = None,
+        connect_node: Callable[[Node], ClickHouse] | None = None,
     ) -> None:
+        """On a cluster (`replication`), `connect_node` opens a connection to one node."""
         self.ch = ch
+        self.connect_node = connect_node or (lambda _node: connect())
         self.features = features
         self.events_table = events_table
         self.replication = replication
@@ -135,7 +139,9 @@ class Migrator:
 
     def meter_sql(self, meter: Meter) -> MeterSQL:
         try:
-            return MeterSQL(meter, self.features, self.ch.database, self.events_table)
+            return MeterSQL(
+                meter, self.features, self.ch.database, self.events_table, self.replication
+            )
         except ValueError as exc:
             raise MigrationError(str(exc)) from None
 
@@ -210,12 +216,6 @@ class Migrator:
         `core_only`: the raw and offset tables only, which a worker needs before it consumes.
         Without `backfill`, meters are made live (their views count from their cutoff on,
         which has passed on return) and their backfills are left for a later run."""
-        if self.replication is not None and self.meters and not core_only:
-            raise MigrationError(
-                "meters on a ClickHouse cluster are not supported yet (their tables and "
-                "backfills are per server): configure no meters with clickhouse.cluster, or "
-                "land into a single server; nothing was changed"
-            )
         if self.replication is not None:
             await self._refuse_unreplicated()
         await self.ledger.bootstrap()
@@ -317,6 +317,8 @@ class Migrator:
             [(now,)] = await self.ch.query("SELECT toUInt32(now())")
             await self.ch.execute(sql.create_table())
             await self.ch.execute(sql.create_view(int(now) + max(1, round(self.cutoff_margin))))
+        for statement in sql.create_distributed():
+            await self.ch.execute(statement)
         live = await self.ledger.live(meter.slug, cutoff)
         if live is None:
             version = meter_version(meter.slug)
@@ -333,43 +335,89 @@ class Migrator:
         """The cutoff of the meter's view, if the view was made before it and its table is of
         this version (has `_origin`); else None."""
         db = quote(self.ch.database)
-        made = dict(
-            await self.ch.query(
-                "SELECT name, toUInt32(metadata_modification_time) FROM system.tables "
-                f"WHERE database = {db} AND name = {quote(sql.meter.view)}"
-            )
+        made_at = (
+            "SELECT toUInt32(metadata_modification_time) FROM system.tables "
+            f"WHERE database = {db} AND name = {quote(sql.meter.view)}"
         )
-        origin = await self.ch.query(
+        origin = (
             f"SELECT name FROM system.columns WHERE database = {db} "
             f"AND table = {quote(sql.meter.table)} AND name = '_origin'"
         )
-        if sql.meter.view not in made or not origin:
+        if not await self.ch.query(made_at) or not await self.ch.query(origin):
             return None
         [(text,)] = await self.ch.query(f"SHOW CREATE TABLE {sql.view}")
         cutoff = view_cutoff(str(text))
-        if cutoff is None or int(made[sql.meter.view]) >= cutoff:
+        if cutoff is None:
             return None
+        # On a cluster the view fires on the node an insert reaches: every node must have
+        # made it before the cutoff (ON CLUSTER runs on each node in its own time).
+        for rows in await self._on_every_node([made_at, origin]):
+            made, has_origin = rows
+            if not made or not has_origin or int(made[0][0]) >= cutoff:
+                return None
         return cutoff
 
+    async def _on_every_node(self, queries: Sequence[str]) -> list[list[list[tuple[Any, ...]]]]:
+        """The answers of each query on every node of the cluster (here alone on one
+        server). A node that does not answer raises: a meter's exactness cannot be judged
+        without it."""
+        if self.replication is None:
+            return [[await self.ch.query(q) for q in queries]]
+        out = []
+        for node in await self._nodes():
+            ch = self.connect_node(node)
+            try:
+                out.append([await ch.query(q) for q in queries])
+            finally:
+                await ch.close()
+        return out
+
+    async def _nodes(self) -> list[Node]:
+        assert self.replication is not None
+        return (await read_topology(self.ch, self.replication.cluster)).nodes
+
     async def _backfill(self, meter: Meter, live: Live) -> None:
+        """Count the rows stored before the cutoff: on one server, or on each shard of a
+        cluster from its first replica (always the same one, which keeps the backfill's
+        collection table), once that replica holds every part its shard committed."""
         sql = self.meter_sql(meter)
         await self._wait_past(live.cutoff)
-        job = Backfill(
-            self.ch,
-            self.ledger,
-            sql,
-            live.cutoff,
-            live.piece_rows,
-            self.lease.epoch,
-            self.lease.check,
-            self.report,
-        )
-        self.backfills[meter.slug] = job.progress
-        await job.run()
-        self.lease.check()
-        await self.ledger.record(meter_version(meter.slug), meter.checksum(), APPLIED)
-        await job.drop_staging()
-        log.info("meter applied", meter=meter.slug, rows=job.progress.rows_total)
+        targets: list[tuple[int | None, ClickHouse]] = [(None, self.ch)]
+        if self.replication is not None:
+            topology = await read_topology(self.ch, self.replication.cluster)
+            targets = [(i, self.connect_node(shard[0])) for i, shard in enumerate(topology.shards)]
+        jobs = []
+        try:
+            for shard, ch in targets:
+                if shard is not None:
+                    await ch.execute(
+                        f"SYSTEM SYNC REPLICA {ch.table(self.events_table)}",
+                        {"receive_timeout": 300},
+                    )
+                job = Backfill(
+                    ch,
+                    self.ledger,
+                    sql,
+                    live.cutoff,
+                    live.piece_rows,
+                    self.lease.epoch,
+                    self.lease.check,
+                    self.report,
+                    shard,
+                )
+                jobs.append(job)
+                self.backfills[job.progress.meter] = job.progress
+                await job.run()
+            self.lease.check()
+            await self.ledger.record(meter_version(meter.slug), meter.checksum(), APPLIED)
+            for job in jobs:
+                await job.drop_staging()
+        finally:
+            for shard, ch in targets:
+                if shard is not None:
+                    await ch.close()
+        rows = sum(job.progress.rows_total for job in jobs)
+        log.info("meter applied", meter=meter.slug, rows=rows)
 
     async def _wait_past(self, cutoff: int) -> None:
         """Until the server clock passed the cutoff, and no insert into the raw table that
@@ -385,7 +433,7 @@ class Migrator:
             "SELECT count() FROM system.processes WHERE query LIKE "
             f"{quote('INSERT INTO ' + events + '%')} AND elapsed > {{age}}"
         )
-        [(running,)] = await self.ch.query(older.format(age=int(now) - cutoff + margin))
+        running = await self._inserts_running(older.format(age=int(now) - cutoff + margin))
         if int(running):
             # Its rows are visible to the backfill once it ends; were its block to arrive
             # after the cutoff, they would be in neither (the view was not there when it began).
@@ -393,7 +441,11 @@ class Migrator:
             while int(running):
                 await asyncio.sleep(0.5)
                 [(now,)] = await self.ch.query("SELECT toUInt32(now())")
-                [(running,)] = await self.ch.query(older.format(age=int(now) - cutoff + margin))
+                running = await self._inserts_running(older.format(age=int(now) - cutoff + margin))
+
+    async def _inserts_running(self, count: str) -> int:
+        """Inserts running that began before the view existed, on every node."""
+        return sum(int(rows[0][0][0]) for rows in await self._on_every_node([count]))
 
     async def _drop_meter(self, slug: str, checksum: str) -> None:
         meter_table = f"meter_{slug}"
@@ -401,10 +453,27 @@ class Migrator:
             f"SELECT name FROM system.tables WHERE database = {quote(self.ch.database)}"
         )
         doomed = [f"{meter_table}_mv", meter_table]
-        doomed += staging_tables([str(n) for (n,) in names], meter_table)
+        if self.replication is None:
+            doomed += staging_tables([str(n) for (n,) in names], meter_table)
+        else:
+            doomed.append(distributed_name(meter_table))
+        on = self.replication.on_cluster if self.replication is not None else ""
         for name in doomed:
             self.lease.check()
-            await self.ch.execute(f"DROP TABLE IF EXISTS {self.ch.table(name)}")
+            await self.ch.execute(f"DROP TABLE IF EXISTS {self.ch.table(name)}{on}")
+        if self.replication is not None:
+            # Staging tables live on the replica of each shard that backfilled.
+            topology = await read_topology(self.ch, self.replication.cluster)
+            for shard in topology.shards:
+                ch = self.connect_node(shard[0])
+                try:
+                    names = await ch.query(
+                        f"SELECT name FROM system.tables WHERE database = {quote(ch.database)}"
+                    )
+                    for name in staging_tables([str(n) for (n,) in names], meter_table):
+                        await ch.execute(f"DROP TABLE IF EXISTS {ch.table(name)}")
+                finally:
+                    await ch.close()
         await self.ledger.record(meter_version(slug), checksum, REMOVED)
         log.info("meter dropped", meter=slug)
 
@@ -425,10 +494,17 @@ class Migrator:
             if live is None:
                 continue
             slug = version.split(":", 1)[1]
-            records = await self.ledger.backfill(slug, live.cutoff)
-            lines.append(
-                f"backfill of meter {slug}: {records.rows_done:,} of {records.rows_total:,} rows, "
-                f"{len(records.months)} of {records.months_total} months"
-                + ("" if records.rows_total else " (not planned yet)")
-            )
+            shards: list[int | None] = [None]
+            if self.replication is not None:
+                topology = await read_topology(self.ch, self.replication.cluster)
+                shards = list(range(len(topology.shards)))
+            for shard in shards:
+                records = await self.ledger.backfill(slug, live.cutoff, shard)
+                where = "" if shard is None else f" on shard {shard + 1}"
+                lines.append(
+                    f"backfill of meter {slug}{where}: {records.rows_done:,} of "
+                    f"{records.rows_total:,} rows, {len(records.months)} of "
+                    f"{records.months_total} months"
+                    + ("" if records.rows_total else " (not planned yet)")
+                )
         return lines

@@ -25,7 +25,7 @@ import orjson
 from sink.metering.meter_sql import MeterSQL
 from sink.metering.meters import Meter
 from sink.stores.clickhouse.connection import ClickHouse
-from sink.stores.clickhouse.sql import ServerFeatures, quote
+from sink.stores.clickhouse.sql import Replication, ServerFeatures, quote
 
 Window = Literal["MINUTE", "HOUR", "DAY", "MONTH"]
 WINDOWS: tuple[Window, ...] = ("MINUTE", "HOUR", "DAY", "MONTH")
@@ -105,6 +105,7 @@ def build_sql(
     filters: Mapping[str, str] | None = None,
     limit: int | None = None,
     merge_namespaces: bool = False,
+    cluster: str | None = None,
 ) -> tuple[str, list[str]]:
     """The SELECT, and the names of the group columns it returns. Its columns: the window
     (`w`; or `first`, `last` minute for `window=None`), `namespace` (unless merged), the
@@ -118,7 +119,9 @@ def build_sql(
             f"meter {meter.slug} cannot group by {', '.join(unknown)}; it groups by "
             f"{', '.join(['subject', *meter.group_by])}"
         )
-    sql = MeterSQL(meter, features, database, events_table)
+    # On a cluster the meter is read through its Distributed table: every shard's windows.
+    replication = Replication(cluster, "") if cluster is not None else None
+    sql = MeterSQL(meter, features, database, events_table, replication)
     keys = [] if merge_namespaces else ["namespace"]
     names: list[str] = []
     for group in group_by:
@@ -147,7 +150,7 @@ def build_sql(
         order = keys
     text = (
         f"SELECT {', '.join([head, *keys[1 if window else 0 :]])}, {sql.merge()} AS v\n"
-        f"FROM {sql.table}\n"
+        f"FROM {sql.table_all}\n"
         + (f"WHERE {' AND '.join(where)}\n" if where else "")
         + tail
         + f"ORDER BY {', '.join(order)}"
@@ -176,6 +179,7 @@ async def query(
     limit: int | None = None,
     merge_namespaces: bool = False,
     features: ServerFeatures | None = None,
+    cluster: str | None = None,
 ) -> list[UsageRow]:
     """One row per window (and group), oldest first; with `window=None` one row per group
     for the whole period. `limit` caps the rows read; `merge_namespaces` aggregates every
@@ -204,6 +208,7 @@ async def query(
         filters=filters,
         limit=limit,
         merge_namespaces=merge_namespaces,
+        cluster=cluster,
     )
     rows = []
     step = _FIXED_STEP.get(window or "")  # windows whose length no zone changes

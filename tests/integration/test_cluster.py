@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -438,3 +439,88 @@ async def test_a_replica_frozen_past_the_quorum_timeout_loses_and_doubles_nothin
     await assert_cluster_exact(cluster, work)
     assert "dependency failed, retrying" in proc.logs()
     assert proc.stop() == 0
+
+
+async def test_meters_on_the_cluster_equal_a_python_computation(
+    cluster: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+) -> None:
+    """A meter from the start, and one added while events flow: its backfill counts each
+    shard's earlier rows once; both read through the Distributed meter tables."""
+    from tests.integration.test_meters import METERS, expected, generate, observed, send
+
+    # Enough partitions that both shards hold some (the rule hashes the topic's name).
+    topic = f"om_acme_{uid}"
+    partitions = next(
+        n for n in range(4, 64) if {shard_of_partition(topic, p, 2) for p in range(n)} == {0, 1}
+    )
+    await make_topics(topic, partitions=partitions)
+    first = generate(topic, 1500, seed=5)
+    ends = await send(producer, first)
+
+    def config(name: str, meters: list[dict[str, Any]]) -> Path:
+        return sink_config(
+            name=name,
+            meters=meters,
+            clickhouse={"url": cluster.url(), "cluster": cluster.name},
+            batch={"max_rows": 200, "max_wait": "100ms"},
+        )
+
+    worker = run_sink(config("before", METERS[:1]))
+    await wait_cluster_landed(cluster, ends, 120, lambda: worker.running)
+    later = generate(topic, 1500, seed=5, start=1500)
+
+    async def trickle() -> dict[Any, int]:
+        last: dict[Any, int] = {}
+        for i in range(0, len(later), 50):
+            last.update(await send(producer, later[i : i + 50]))
+            await asyncio.sleep(0.3)  # spans the migration: before and after the cutoff
+        return last
+
+    sender = asyncio.create_task(trickle())
+    migrate = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sink",
+        "migrate",
+        "-c",
+        str(config("after", METERS[:2])),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await migrate.communicate()
+    assert migrate.returncode == 0, err.decode()[-3000:]
+    assert "applied meter:tokens" in out.decode()
+    ends.update(await sender)
+    await wait_cluster_landed(cluster, ends, 120, lambda: worker.running)
+    assert worker.stop() == 0
+
+    from sink.metering import usage
+    from sink.metering.meters import Meter
+
+    ch = cluster.connect(cluster.shards[0][0])
+    try:
+        for spec, events, group in (
+            (METERS[0], first + later, "route"),
+            (METERS[1], first + later, "model"),
+        ):
+            meter = Meter.model_validate(spec)
+            rows = await usage.query(
+                ch, meter, namespace="acme", window="MINUTE", group_by=[group], cluster=cluster.name
+            )
+            assert observed(rows, [group]) == expected(
+                events, meter, "acme", "MINUTE", "UTC", [group]
+            )
+        # Each shard backfilled its own rows, on its own records.
+        plans = await ch.query(
+            f"SELECT version, state FROM {cluster.database}.schema_migrations "
+            "WHERE startsWith(version, 'backfill:tokens:') AND startsWith(state, 'plan ')"
+        )
+        assert sorted({str(v).rsplit(":", 1)[1] for v, _ in plans}) == ["shard1", "shard2"]
+        assert all(not str(s).startswith("plan rows=0 ") for _, s in plans), plans
+    finally:
+        await ch.close()

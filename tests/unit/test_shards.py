@@ -15,8 +15,9 @@ from sink.operations.metrics import Metrics
 from sink.pipeline.batch import Batch
 from sink.pipeline.flow import FlowControl
 from sink.pipeline.offsets import Assignments
-from sink.stores.clickhouse.cluster import Node, Replication, explicit
+from sink.stores.clickhouse.cluster import Node, explicit
 from sink.stores.clickhouse.shards import ShardRule, shard_of_namespace, shard_of_partition
+from sink.stores.clickhouse.sql import Replication
 
 
 def test_a_partition_shard_is_the_documented_hash() -> None:
@@ -107,3 +108,29 @@ def test_a_blocked_lane_pauses_its_own_partitions_only() -> None:
     blocked.clear()
     flow.apply((0, 0))
     assert consumer.paused == set()
+
+
+def test_a_meter_on_a_cluster_is_replicated_per_shard_and_read_through_distributed() -> None:
+    from sink.metering.meter_sql import MeterSQL
+    from sink.metering.meters import Meter
+    from sink.stores.clickhouse.sql import ServerFeatures
+
+    meter = Meter.model_validate({"slug": "calls", "event_type": "call", "aggregation": "COUNT"})
+    r = Replication("c", "/clickhouse/sink/db")
+    sql = MeterSQL(meter, ServerFeatures((18, 16)), "db", "events", r)
+    assert "ON CLUSTER `c`" in sql.create_table()
+    assert "ReplicatedAggregatingMergeTree('/clickhouse/sink/db/{shard}/meter_calls'" in (
+        sql.create_table()
+    )
+    staging = sql.create_table("`db`.`_backfill_meter_calls`")
+    assert "ON CLUSTER" not in staging and "ENGINE = AggregatingMergeTree()" in staging
+    assert "ON CLUSTER `c` TO `db`.`meter_calls`" in sql.create_view(1_700_000_000)
+    assert sql.table_all == "`db`.`meter_calls_all`"
+    assert sql.create_distributed() == [
+        "CREATE TABLE IF NOT EXISTS `db`.`meter_calls_all` ON CLUSTER `c` AS `db`.`meter_calls` "
+        "ENGINE = Distributed(`c`, `db`, `meter_calls`)"
+    ]
+    assert all(s.endswith(" ON CLUSTER `c`") for s in sql.drop())
+    single = MeterSQL(meter, ServerFeatures((18, 16)), "db", "events")
+    assert single.table_all == single.table and single.create_distributed() == []
+    assert "ON CLUSTER" not in single.create_table() + single.create_view(1)

@@ -1,5 +1,5 @@
-"""A ClickHouse cluster as sink sees it: its shards, each a list of replicas, and the DDL that
-makes a table replicated on every node.
+"""A ClickHouse cluster as sink sees it: its shards, each a list of replicas (the DDL that makes
+tables replicated is `sink.stores.clickhouse.sql.Replication`).
 
 The shards and replicas come from `system.clusters` on the node in `clickhouse.url` (the
 servers' `remote_servers`), or from `clickhouse.nodes` where that table cannot be read. A
@@ -121,37 +121,3 @@ async def agreed_topology(
                 "every node"
             )
     return topology
-
-
-@dataclass(frozen=True)
-class Replication:
-    """How tables are made on a cluster: `ON CLUSTER`, Replicated* engines whose ZooKeeper
-    path is `<zookeeper_path>/<shard>/<table>`, and the replica named by the `{replica}` macro.
-    Tables that must hold the same rows on every shard (the migration ledger) use the path
-    `<zookeeper_path>/all/<table>`."""
-
-    cluster: str
-    zookeeper_path: str
-
-    @property
-    def on_cluster(self) -> str:
-        return f" ON CLUSTER `{self.cluster}`"
-
-    def engine(self, engine: str, table: str, *args: str, every_shard: bool = False) -> str:
-        """`engine` (e.g. "ReplacingMergeTree") made Replicated, with its own arguments."""
-        shard = "all" if every_shard else "{shard}"
-        path = f"{self.zookeeper_path.rstrip('/')}/{shard}/{table}"
-        return f"Replicated{engine}({', '.join([quote(path), quote('{replica}'), *args])})"
-
-    def distributed(self, ch: ClickHouse, table: str) -> str:
-        """A Distributed table `<table>_all` over a shard-local table, for reads."""
-        local = ch.table(table)
-        return (
-            f"CREATE TABLE IF NOT EXISTS {ch.table(distributed_name(table))}{self.on_cluster} "
-            f"AS {local} ENGINE = Distributed(`{self.cluster}`, `{ch.database}`, `{table}`)"
-        )
-
-
-def distributed_name(table: str) -> str:
-    """The Distributed table over a shard-local table: reads go through it."""
-    return f"{table}_all"

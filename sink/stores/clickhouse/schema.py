@@ -10,10 +10,9 @@ from typing import Any
 
 from sink.errors import ClickHouseUnavailable
 from sink.pipeline.decode import Event
-from sink.stores.clickhouse.cluster import Replication
 from sink.stores.clickhouse.connection import ClickHouse, Database
 from sink.stores.clickhouse.landed import StorageKeys
-from sink.stores.clickhouse.sql import ServerFeatures, quote
+from sink.stores.clickhouse.sql import Replication, ServerFeatures, quote
 
 EVENT_COLUMNS = (
     "namespace",
@@ -128,7 +127,7 @@ ORDER BY (topic, topic_id)""",
         """On a cluster, a Distributed table over the raw table for reads: `<events>_all`."""
         if self.replication is None:
             return []
-        return [self.replication.distributed(self.ch, self.events_table)]
+        return [self.replication.distributed(self.ch.database, self.events_table)]
 
     async def apply(self) -> list[str]:
         """Create what is missing; returns the statements run (all idempotent)."""
