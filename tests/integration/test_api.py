@@ -107,10 +107,12 @@ SHAPES: list[tuple[str | None, str, str | None, str | None]] = [
 
 
 def generate(namespace: str, seed: int) -> list[dict[str, Any]]:
-    """Events at distinct seconds (LATEST is unambiguous at second resolution); globex's
-    values are of another magnitude, so numbers mixed across namespaces cannot pass."""
+    """Events at distinct seconds, across namespaces too (LATEST is unambiguous at second
+    resolution, also when an operator reads both namespaces together); globex's values are
+    of another magnitude, so numbers mixed across namespaces cannot pass."""
     rng = random.Random(seed)
     scale = 1000 if namespace == "globex" else 1
+    shift = timedelta(seconds=1 if namespace == "globex" else 0)
     events = []
     for i in range(EVENTS):
         kind = rng.choice(["call", "tokens", "level"])
@@ -132,7 +134,7 @@ def generate(namespace: str, seed: int) -> list[dict[str, Any]]:
                 "source": "api-test",
                 "type": kind,
                 "subject": rng.choice(SUBJECTS[namespace]),
-                "time": (BASE + STEP * i).isoformat().replace("+00:00", "Z"),
+                "time": (BASE + STEP * i + shift).isoformat().replace("+00:00", "Z"),
                 "data": data,
             }
         )
