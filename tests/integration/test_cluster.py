@@ -28,6 +28,7 @@ from sink.coordinates import Coordinates, Span
 from sink.stores.clickhouse.cluster import Node
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.landed import OffsetStore
+from sink.stores.clickhouse.schema import EVENT_COLUMNS
 from sink.stores.clickhouse.shards import Shard, shard_of_partition
 from tests.conftest import STACK, Services
 from tests.integration.workload import REGEX, Workload, topics_for
@@ -180,6 +181,42 @@ async def _landing(proc: Any, c: Cluster, deadline: float) -> None:
     raise AssertionError("nothing landed")
 
 
+@dataclass
+class Stream:
+    """A workload being sent while one worker lands it on the cluster."""
+
+    work: Workload
+    proc: Any
+    sender: asyncio.Task[None]
+
+    async def finish(self, c: Cluster) -> None:
+        """The rest is sent, everything lands, and the cluster is exact."""
+        await self.sender
+        await wait_cluster_landed(c, self.work.ends, 180, lambda: self.proc.running)
+        await assert_cluster_exact(c, self.work)
+
+
+async def _stream(
+    c: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+    seed: int,
+    events: int,
+    **clickhouse: Any,
+) -> Stream:
+    """Topics, a workload with duplicates sent at a steady pace, and a worker landing it."""
+    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
+    work = Workload(topics, namespaces, partitions=4, seed=seed)
+    work.add(events, duplicate_share=0.05)
+    proc = run_sink(_cluster_config(sink_config, c, uid, **clickhouse))
+    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
+    await _landing(proc, c, time.monotonic() + 90)
+    return Stream(work, proc, sender)
+
+
 async def test_two_workers_killed_with_9_land_exactly_per_shard(
     cluster: Cluster,
     make_topics: Callable[..., Any],
@@ -230,13 +267,19 @@ async def test_a_replica_killed_mid_stream_loses_and_doubles_nothing(
 ) -> None:
     if services.control is None:
         pytest.skip("needs the local stack's control script to kill a node")
-    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
-    work = Workload(topics, namespaces, partitions=4, seed=32)
-    work.add(6000, duplicate_share=0.05)
     # Quorum 2: while a replica of a shard is down, that shard's partitions wait.
-    proc = run_sink(_cluster_config(sink_config, cluster, uid, insert_quorum_timeout="5s"))
-    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
-    await _landing(proc, cluster, time.monotonic() + 90)
+    stream = await _stream(
+        cluster,
+        make_topics,
+        sink_config,
+        run_sink,
+        producer,
+        uid,
+        32,
+        6000,
+        insert_quorum_timeout="5s",
+    )
+    proc = stream.proc
     _stack("kill", "clickhouse-1-2")
     try:
         await asyncio.sleep(1)
@@ -249,9 +292,7 @@ async def test_a_replica_killed_mid_stream_loses_and_doubles_nothing(
     # Shard 1 could not reach its quorum meanwhile; shard 2 went on landing.
     assert "dependency failed, retrying" in proc.logs()
     assert sum(during[1].values()) > sum(before[1].values()), (before, during)
-    await sender
-    await wait_cluster_landed(cluster, work.ends, 180, lambda: proc.running)
-    await assert_cluster_exact(cluster, work)
+    await stream.finish(cluster)
     assert proc.stop() == 0
 
 
@@ -271,24 +312,12 @@ async def test_a_check_after_an_unknown_outcome_sees_what_another_replica_took(
         ("ns", f"e{i}", "t", "s", "", 1_700_000_000, "{}", 1_700_000_000, "", topic, 0, i)
         for i in range(50)
     ]
-    columns = (
-        "namespace",
-        "id",
-        "type",
-        "source",
-        "subject",
-        "time",
-        "data",
-        "ingested_at",
-        "validation_error",
-        "_topic",
-        "_partition",
-        "_offset",
-    )
     # Replica 2 stops fetching, so the rows exist on replica 1 only until it syncs.
     second = cluster.connect(shard[1])
     await second.execute(f"SYSTEM STOP FETCHES {cluster.database}.events")
-    await first.insert_columns("events", columns, [list(col) for col in zip(*rows, strict=True)])
+    await first.insert_columns(
+        "events", EVENT_COLUMNS, [list(col) for col in zip(*rows, strict=True)]
+    )
     [(before,)] = await second.query(f"SELECT count() FROM {cluster.database}.events")
     assert before == 0
     await second.execute(f"SYSTEM START FETCHES {cluster.database}.events")
@@ -355,12 +384,8 @@ async def test_a_whole_shard_down_pauses_its_partitions_only(
 ) -> None:
     if services.control is None:
         pytest.skip("needs the local stack's control script to kill nodes")
-    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
-    work = Workload(topics, namespaces, partitions=4, seed=33)
-    work.add(6000, duplicate_share=0.05)
-    proc = run_sink(_cluster_config(sink_config, cluster, uid))
-    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
-    await _landing(proc, cluster, time.monotonic() + 90)
+    stream = await _stream(cluster, make_topics, sink_config, run_sink, producer, uid, 33, 6000)
+    proc = stream.proc
     _stack("kill", "clickhouse-2-1", "clickhouse-2-2")
     try:
         await asyncio.sleep(1)
@@ -372,9 +397,7 @@ async def test_a_whole_shard_down_pauses_its_partitions_only(
         _stack("up", "clickhouse-2-1", "clickhouse-2-2")
     assert sum(during[0].values()) > sum(before[0].values()), (before, during)
     assert "shard 2 replica" in proc.logs()  # the failure names the shard and replica
-    await sender
-    await wait_cluster_landed(cluster, work.ends, 180, lambda: proc.running)
-    await assert_cluster_exact(cluster, work)
+    await stream.finish(cluster)
     assert proc.stop() == 0
 
 
@@ -389,21 +412,15 @@ async def test_a_zookeeper_restart_loses_and_doubles_nothing(
 ) -> None:
     if services.control is None:
         pytest.skip("needs the local stack's control script to kill ZooKeeper")
-    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
-    work = Workload(topics, namespaces, partitions=4, seed=34)
-    work.add(5000, duplicate_share=0.05)
-    proc = run_sink(_cluster_config(sink_config, cluster, uid))
-    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
-    await _landing(proc, cluster, time.monotonic() + 90)
+    stream = await _stream(cluster, make_topics, sink_config, run_sink, producer, uid, 34, 5000)
+    proc = stream.proc
     _stack("kill", "zookeeper")
     try:
         await asyncio.sleep(3)
         assert proc.running
     finally:
         _stack("up", "zookeeper")  # waits until replicated tables are writable again
-    await sender
-    await wait_cluster_landed(cluster, work.ends, 180, lambda: proc.running)
-    await assert_cluster_exact(cluster, work)
+    await stream.finish(cluster)
     assert "dependency failed, retrying" in proc.logs()
     assert proc.stop() == 0
 
@@ -422,21 +439,25 @@ async def test_a_replica_frozen_past_the_quorum_timeout_loses_and_doubles_nothin
     if services.control is None:
         pytest.skip("needs the local stack's control script to find the node")
     pid = _pid("clickhouse-1-2")
-    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
-    work = Workload(topics, namespaces, partitions=4, seed=35)
-    work.add(5000, duplicate_share=0.05)
-    proc = run_sink(_cluster_config(sink_config, cluster, uid, insert_quorum_timeout="3s"))
-    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
-    await _landing(proc, cluster, time.monotonic() + 90)
+    stream = await _stream(
+        cluster,
+        make_topics,
+        sink_config,
+        run_sink,
+        producer,
+        uid,
+        35,
+        5000,
+        insert_quorum_timeout="3s",
+    )
+    proc = stream.proc
     os.kill(pid, signal.SIGSTOP)
     try:
         await asyncio.sleep(7)
         assert proc.running
     finally:
         os.kill(pid, signal.SIGCONT)
-    await sender
-    await wait_cluster_landed(cluster, work.ends, 180, lambda: proc.running)
-    await assert_cluster_exact(cluster, work)
+    await stream.finish(cluster)
     assert "dependency failed, retrying" in proc.logs()
     assert proc.stop() == 0
 
