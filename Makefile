@@ -62,7 +62,7 @@ demo: venv stack-up
 # Throughput, ceilings, peer, delay, memory (benchmarks/README.md). Prints the table.
 bench: venv stack-up
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
-	eval "$$($(STACK) env)" && $(PY) -m benchmarks.run $(BENCH_ARGS)
+	eval "$$($(STACK) env)" && eval "$$($(CLUSTER_ENV))" && $(PY) -m benchmarks.run $(BENCH_ARGS)
 
 # The worker's steps per event on one core, no services (benchmarks/stages.py).
 bench-stages: venv

@@ -49,6 +49,8 @@ class Services:
     """Native URL, clickhouse://user:password@host:port/database."""
     clickhouse_http: str
     """http://host:port of the same server (for bulk reads as TSV)."""
+    cluster: ClusterTarget | None = None
+    """A ClickHouse cluster for the cluster variant (CLICKHOUSE_CLUSTER, CLICKHOUSE_NODES)."""
 
     @classmethod
     def from_env(cls) -> Services:
@@ -63,6 +65,7 @@ class Services:
             redis=os.environ.get("REDIS_URL", "redis://127.0.0.1:16379/0"),
             clickhouse=clickhouse,
             clickhouse_http=os.environ.get("CLICKHOUSE_HTTP_URL", f"http://{host}:{http_port}"),
+            cluster=ClusterTarget.from_env(clickhouse),
         )
 
     def ch_url(self, database: str) -> str:
@@ -73,6 +76,37 @@ class Services:
         return urllib.parse.unquote(parts.username or "default"), urllib.parse.unquote(
             parts.password or ""
         )
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """A replicated, sharded ClickHouse cluster: its name and every node's `host:port`, shard-
+    major (`scripts/stack.sh env --cluster`). The credentials are those of CLICKHOUSE_URL."""
+
+    name: str
+    nodes: tuple[str, ...]
+    base: str
+    """clickhouse://user:password@ without host, port and database."""
+
+    @classmethod
+    def from_env(cls, clickhouse_url: str) -> ClusterTarget | None:
+        name, nodes = os.environ.get("CLICKHOUSE_CLUSTER"), os.environ.get("CLICKHOUSE_NODES")
+        if not name or not nodes:
+            return None
+        base = clickhouse_url.split("@", 1)[0] + "@" if "@" in clickhouse_url else "clickhouse://"
+        return cls(name, tuple(n.strip() for n in nodes.split(",") if n.strip()), base)
+
+    def url(self, database: str, node: int = 0) -> str:
+        return f"{self.base}{self.nodes[node]}/{database}"
+
+    async def drop_database(self, name: str) -> None:
+        assert name.startswith("bench_"), name
+        ch = clickhouse(self.url("default"))
+        try:
+            with contextlib.suppress(Exception):
+                await ch.execute(f"DROP DATABASE IF EXISTS `{name}` ON CLUSTER {self.name}")
+        finally:
+            await ch.close()
 
 
 def clickhouse(url: str, timeout: float = 300) -> Any:
@@ -334,12 +368,16 @@ class ServiceCpu:
 
     def __init__(self) -> None:
         stack = Path(os.environ.get("SINK_STACK_DIR", ROOT / ".stack"))
+        self.pidfiles = {
+            "kafka": stack / "kafka" / "kafka.pid",
+            "redis": stack / "redis" / "redis.pid",
+            "clickhouse": stack / "clickhouse" / "clickhouse.pid",
+        }
+        # The cluster's servers and ZooKeeper (`stack.sh up --cluster`), when they run.
+        for pidfile in sorted((stack / "cluster").glob("*/*.pid")):
+            self.pidfiles[pidfile.parent.name] = pidfile
         self.procs: dict[str, psutil.Process] = {}
-        for name, pidfile in (
-            ("kafka", stack / "kafka" / "kafka.pid"),
-            ("redis", stack / "redis" / "redis.pid"),
-            ("clickhouse", stack / "clickhouse" / "clickhouse.pid"),
-        ):
+        for name, pidfile in self.pidfiles.items():
             with contextlib.suppress(Exception):
                 self.procs[name] = psutil.Process(int(pidfile.read_text().split()[0]))
         self._start = self._read()
@@ -356,11 +394,10 @@ class ServiceCpu:
     def restarted(self) -> list[str]:
         """Services that were stopped, killed or restarted since the start (other people's
         tests restart them): a measurement that saw this is disturbed."""
-        stack = Path(os.environ.get("SINK_STACK_DIR", ROOT / ".stack"))
         out = []
         for name, ident in self._identity.items():
             try:
-                pid = int((stack / name / f"{name}.pid").read_text().split()[0])
+                pid = int(self.pidfiles[name].read_text().split()[0])
                 now = psutil.Process(pid)
                 if ident is None or (now.pid, now.create_time()) != ident:
                     out.append(name)

@@ -14,9 +14,15 @@ CONTENDERS = {
     "insert": "Ceiling: insert only (asynch, worker schema, batch.max_rows blocks)",
     "sink_w1": "sink run, 1 worker (dedup on)",
     "sink_w2": "sink run --workers 2 (dedup on)",
+    "sink_cluster": "sink run, 1 worker, 2x2 cluster, insert_quorum 2 (default)",
+    "sink_cluster_q0": "sink run, 1 worker, 2x2 cluster, no insert quorum",
     "peer": "ClickHouse Kafka engine + MV (no dedup, at-least-once)",
     "naive": "Naive: per-record Redis SET NX, insert per poll",
 }
+
+
+SINKS = ("sink_w1", "sink_w2", "sink_cluster", "sink_cluster_q0")
+"""The sink's own runs: one server with 1 and 2 workers, a cluster with and without quorum."""
 
 
 def rates(result: dict[str, Any]) -> dict[str, Any]:
@@ -58,11 +64,11 @@ def aggregate(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def ratios(agg: dict[str, Any]) -> dict[str, dict[str, float]]:
     """sink / other, per kind (steady, wall), from the medians."""
     out: dict[str, dict[str, float]] = {}
-    for sink in ("sink_w1", "sink_w2"):
+    for sink in SINKS:
         if sink not in agg:
             continue
         out[sink] = {}
-        for other in ("consume", "insert", "peer", "naive", "sink_w1"):
+        for other in ("consume", "insert", "peer", "naive", "sink_w1", "sink_cluster_q0"):
             if other == sink or other not in agg:
                 continue
             for kind in ("steady", "wall"):
@@ -145,7 +151,8 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     if any(rat.values()):
         names = {"consume": "consume ceiling", "insert": "insert ceiling", "peer": "peer",
-                 "naive": "naive", "sink_w1": "sink 1 worker"}  # fmt: skip
+                 "naive": "naive", "sink_w1": "sink 1 worker",
+                 "sink_cluster_q0": "sink on the cluster, no quorum"}  # fmt: skip
         cols = [k for k in names if any(x.startswith(k + "_") for r in rat.values() for x in r)]
         lines += [
             "| sink / other: steady; wall | " + " | ".join(names[k] for k in cols) + " |",
@@ -178,7 +185,7 @@ def markdown(doc: dict[str, Any]) -> str:
             ),
             "",
         ]
-    sinks = [(k, r) for k in ("sink_w1", "sink_w2") for r in doc["raw"].get(k, [])]
+    sinks = [(k, r) for k in SINKS for r in doc["raw"].get(k, [])]
     if sinks:
         lines += [
             "Inside the sink runs (from the worker's log and /metrics):",
@@ -283,6 +290,8 @@ def chart(doc: dict[str, Any], path: Path) -> None:
         "insert": "insert\nceiling",
         "sink_w1": "sink\n1 worker",
         "sink_w2": "sink\n2 workers",
+        "sink_cluster": "sink on 2x2\ncluster, quorum",
+        "sink_cluster_q0": "sink on 2x2\ncluster, no quorum",
         "peer": "ClickHouse\nKafka engine",
         "naive": "naive\nper-record",
     }

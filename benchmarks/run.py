@@ -49,7 +49,10 @@ from benchmarks.common import (
 from benchmarks.contenders import PREFIX
 from benchmarks.workload import Loaded, Spec, load
 
-ALL = ("consume", "insert", "sink", "peer", "naive", "latency")
+ALL = ("consume", "insert", "sink", "cluster", "peer", "naive", "latency")
+QUORUMS = {"sink_cluster": None, "sink_cluster_q0": 0}
+"""The cluster variant's runs: the worker's default insert_quorum (2 on a cluster whose
+shards have 2 replicas), and none: what quorum inserts cost."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -190,6 +193,11 @@ async def main(args: argparse.Namespace) -> int:
             "code": code_version(),
             "worker_defaults": worker_defaults(),
             "services": {"kafka": services.kafka, "redis": services.redis},
+            "cluster": (
+                {"name": services.cluster.name, "nodes": list(services.cluster.nodes)}
+                if services.cluster
+                else None
+            ),
             "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
         }
     }
@@ -281,7 +289,13 @@ def disturbance(result: dict[str, Any], key: str = "") -> list[str]:
     people's tests kill and restart them."""
     reasons = []
     uses = USES.get(key, {"kafka", "redis", "clickhouse"})
-    restarted = [x for x in (result.get("services_cpu") or {}).get("restarted", []) if x in uses]
+    if key.startswith("sink_cluster"):  # the cluster's servers and ZooKeeper, not the single one
+        uses = {"kafka", "redis", "zookeeper"}
+    restarted = [
+        x
+        for x in (result.get("services_cpu") or {}).get("restarted", [])
+        if x in uses or (key.startswith("sink_cluster") and x.startswith("clickhouse-"))
+    ]
     if restarted:
         reasons.append("restarted: " + ",".join(restarted))
     retries = (result.get("worker_metrics") or {}).get("sink_retries_total", 0)
@@ -406,6 +420,22 @@ async def throughput(
                     return await run_sink(services, loaded, label, workers, workdir, args.timeout)
 
                 await m.run(f"sink_w{workers}", f"sink {workers} worker(s)", sink)
+        if "cluster" in args.only and services.cluster is not None:
+            for key, quorum in QUORUMS.items():
+
+                async def on_cluster(
+                    attempt: int, r: int = r, key: str = key, quorum: int | None = quorum
+                ) -> dict[str, Any]:
+                    label = f"{key}_{r}" + (f"_{attempt}" if attempt else "")
+                    return await run_sink(
+                        services, loaded, label, 1, workdir, args.timeout,
+                        cluster=services.cluster, insert_quorum=quorum,
+                    )  # fmt: skip
+
+                title = "sink 1 worker, 2x2 cluster, insert_quorum " + (
+                    "default" if quorum is None else str(quorum)
+                )
+                await m.run(key, title, on_cluster)
         if "peer" in args.only:
 
             async def peer(attempt: int, r: int = r) -> dict[str, Any]:

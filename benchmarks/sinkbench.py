@@ -20,6 +20,7 @@ import yaml
 
 from benchmarks.common import (
     ROOT,
+    ClusterTarget,
     ProcessMonitor,
     ServiceCpu,
     Services,
@@ -50,8 +51,11 @@ class Resources:
         self.prefix = f"bench:{run}:{label}:"
         self.dlq = f"{self.group}.dlq"
 
-    async def cleanup(self, services: Services) -> None:
-        await drop_database(services, self.database)
+    async def cleanup(self, services: Services, cluster: ClusterTarget | None = None) -> None:
+        if cluster is not None:
+            await cluster.drop_database(self.database)
+        else:
+            await drop_database(services, self.database)
         with contextlib.suppress(Exception):
             await delete_redis_prefix(services.redis, self.prefix)
         with contextlib.suppress(Exception):
@@ -137,15 +141,22 @@ async def stop_sink(proc: subprocess.Popen[bytes], limit_s: float = 60) -> int:
         return -9
 
 
-async def landed(ch: Any, database: str) -> dict[tuple[str, int], int]:
-    try:
-        rows = await ch.query(
-            f"SELECT topic, kafka_partition, max(landed_offset) FROM `{database}`.sink_offsets "
-            "GROUP BY topic, kafka_partition"
-        )
-    except Exception:
-        return {}
-    return {(str(t), int(p)): int(o) for t, p, o in rows}
+async def landed(chs: list[Any], database: str) -> dict[tuple[str, int], int]:
+    """The highest landed offset per partition, over every server given (on a cluster each
+    partition's offsets live on one shard; replicas of it agree or lag)."""
+    out: dict[tuple[str, int], int] = {}
+    for ch in chs:
+        try:
+            rows = await ch.query(
+                f"SELECT topic, kafka_partition, max(landed_offset) FROM `{database}`."
+                "sink_offsets GROUP BY topic, kafka_partition"
+            )
+        except Exception:
+            continue
+        for t, p, o in rows:
+            key = (str(t), int(p))
+            out[key] = max(out.get(key, -1), int(o))
+    return out
 
 
 async def run_sink(
@@ -156,17 +167,31 @@ async def run_sink(
     workdir: Path,
     limit_s: float,
     profile_out: Path | None = None,
+    cluster: ClusterTarget | None = None,
+    insert_quorum: int | None = None,
 ) -> dict[str, Any]:
-    """From process start until every partition's landed offset is its end offset - 1."""
+    """From process start until every partition's landed offset is its end offset - 1.
+    With `cluster`, the worker lands into that ClickHouse cluster (its tables made ON CLUSTER,
+    each partition on one shard) with `insert_quorum` (None: the worker's default)."""
     spec = loaded.spec
     res = Resources(spec.run, label)
-    await res.cleanup(services)
+    await res.cleanup(services, cluster)
     port = free_port(workers)
-    config = write_config(services, spec, res, workdir, port)
+    overrides: dict[str, Any] = {}
+    if cluster is not None:
+        overrides["clickhouse"] = {"url": cluster.url(res.database), "cluster": cluster.name}
+        if insert_quorum is not None:
+            overrides["clickhouse"]["insert_quorum"] = insert_quorum
+    config = write_config(services, spec, res, workdir, port, overrides)
     log_path = workdir / f"{label}.log"
     ends = {tp: e for tp, e in loaded.ends.items() if e}
     total = sum(ends.values())
-    ch = clickhouse(services.ch_url("default"))
+    urls = (
+        [cluster.url("default", i) for i in range(len(cluster.nodes))]
+        if cluster is not None
+        else [services.ch_url("default")]
+    )
+    chs = [clickhouse(url) for url in urls]
     stack = ServiceCpu()
     result_code = code_version()
     t0 = time.monotonic()
@@ -181,9 +206,12 @@ async def run_sink(
         "records": total,
         "code": result_code,
     }
+    if cluster is not None:
+        result["cluster"] = {"name": cluster.name, "nodes": len(cluster.nodes)}
+        result["insert_quorum"] = insert_quorum
     try:
         while True:
-            now = await landed(ch, res.database)
+            now = await landed(chs, res.database)
             t = time.monotonic()
             done_records = sum(min(o + 1, ends.get(tp, 0)) for tp, o in now.items())
             if done_records and first_t is None:
@@ -214,11 +242,12 @@ async def run_sink(
     finally:
         await monitor.stop()
         result["exit_code"] = await stop_sink(proc)
-        await ch.close()
+        for ch in chs:
+            await ch.close()
     try:
-        result["exact"] = await exactness(services, res.database, loaded, res.dlq)
+        result["exact"] = await exactness(services, res.database, loaded, res.dlq, cluster)
     finally:
-        await res.cleanup(services)
+        await res.cleanup(services, cluster)
     result["log"] = shown(log_path)
     result["batches"] = batches_from_log(log_path)
     return result
@@ -280,21 +309,31 @@ def batches_from_log(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+_COUNTS = (
+    "SELECT count(), uniqExact(namespace, source, id), uniqExact(_topic, _partition, _offset), "
+    "countIf(validation_error != '') FROM {table}"
+)
+_IDENTITIES = "SELECT namespace, source, id FROM {table}"
+
+
 async def exactness(
-    services: Services, database: str, loaded: Loaded, dlq: str | None
+    services: Services,
+    database: str,
+    loaded: Loaded,
+    dlq: str | None,
+    cluster: ClusterTarget | None = None,
 ) -> dict[str, Any]:
     """The raw table holds every unique valid event once: count, identities, offsets, and
-    the identity set itself compared with what was produced."""
-    table = f"`{database}`.events"
-    row = http_query(
-        services,
-        f"SELECT count(), uniqExact(namespace, source, id), "
-        f"uniqExact(_topic, _partition, _offset), countIf(validation_error != '') FROM {table}",
-    )
-    count, identities, offsets, flagged = (int(x) for x in row.split())
-    got = set(
-        http_query(services, f"SELECT namespace, source, id FROM {table} FORMAT TSV").splitlines()
-    )
+    the identity set itself compared with what was produced. On a cluster: through the
+    Distributed table over every shard, once every replica has fetched what its shard holds."""
+    if cluster is None:
+        table = f"`{database}`.events"
+        row = http_query(services, _COUNTS.format(table=table))
+        count, identities, offsets, flagged = (int(x) for x in row.split())
+        tsv = http_query(services, _IDENTITIES.format(table=table) + " FORMAT TSV")
+        got = set(tsv.splitlines())
+    else:
+        count, identities, offsets, flagged, got = await _cluster_counts(cluster, database)
     expected = loaded.expected
     missing = len(expected - got) if expected else None
     extra = len(got - expected) if expected else None
@@ -318,6 +357,26 @@ async def exactness(
         and out.get("dead_letters", loaded.invalid) >= loaded.invalid
     )
     return out
+
+
+async def _cluster_counts(
+    cluster: ClusterTarget, database: str
+) -> tuple[int, int, int, int, set[bytes]]:
+    chs = [clickhouse(cluster.url(database, i)) for i in range(len(cluster.nodes))]
+    try:
+        for ch in chs:
+            await ch.execute(f"SYSTEM SYNC REPLICA `{database}`.events")
+        table = f"`{database}`.events_all"
+        rows = await chs[0].query(_COUNTS.format(table=table))
+        count, identities, offsets, flagged = (int(x) for x in rows[0])
+        got = {
+            f"{n}\t{s}\t{i}".encode()
+            for n, s, i in await chs[0].query(_IDENTITIES.format(table=table))
+        }
+    finally:
+        for ch in chs:
+            await ch.close()
+    return count, identities, offsets, flagged, got
 
 
 # ------------------------------------------------------------------------------ latency
@@ -424,7 +483,7 @@ async def run_latency(
             partial: dict[tuple[str, int], int] = {}  # records of that batch already counted
             while True:
                 q0 = time.time()
-                now = await landed(ch, res.database)
+                now = await landed([ch], res.database)
                 seen = time.time()
                 query_times.append(seen - q0)
                 landed_at.update(now)

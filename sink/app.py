@@ -16,6 +16,7 @@ from aiokafka.errors import KafkaError
 from sink.config import Config
 from sink.errors import DependencyError, KafkaUnavailable, SinkError
 from sink.metering.backfill import Progress
+from sink.metering.ledger import Ledger, layout_version
 from sink.metering.migrations import Migrator, Plan
 from sink.operations.health import HealthServer, Starting
 from sink.operations.metrics import Metrics
@@ -81,6 +82,20 @@ def shards(config: Config, found: Topology) -> list[Shard]:
         Shard(i, replicas, lambda node: clickhouse(config, node), replicated=True)
         for i, replicas in enumerate(found.shards)
     ]
+
+
+async def shard_layouts(config: Config, found: Topology) -> set[str]:
+    """Every shard rule (number of shards, `clickhouse.shard_by`) workers have landed with on
+    this cluster, this one included (recorded in the ledger on the node of `clickhouse.url`,
+    replicated to every node). After a change, a partition's earlier rows and landed offsets
+    may be on another shard than the rule now gives it."""
+    ch = clickhouse(config)
+    try:
+        return await Ledger(ch).layouts(
+            layout_version(len(found.shards), config.clickhouse.shard_by)
+        )
+    finally:
+        await ch.close()
 
 
 def insert_quorum(config: Config, found: Topology) -> int:
@@ -299,6 +314,17 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
         "clickhouse", lambda: time_divisor(reader, config.clickhouse.events_table), stop, config
     )
 
+    moved = False
+    if config.clickhouse.cluster is not None:
+        layouts = await _until_up("clickhouse", lambda: shard_layouts(config, found), stop, config)
+        moved = len(layouts) > 1
+        if moved:
+            log.warning(
+                "the cluster has had another shard rule: positioning reads every shard",
+                shards=len(found.shards),
+                layouts=sorted(layouts),
+            )
+
     store = None
     if config.dedup.enabled:
         store = RedisDedup(
@@ -316,6 +342,7 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
         time_divisor=divisor,
         metrics=metrics,
         insert_quorum=insert_quorum(config, found),
+        moved_shards=moved,
     )
     http.target = _Status(worker, keeper)
     try:

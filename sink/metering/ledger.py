@@ -5,6 +5,8 @@ Rows are only ever added; the newest row of a version (by `seq`) is its state:
 - `0001_events:<table>` and the other core migrations: `applied`.
 - `meter:<slug>`: `live cutoff=<epoch s> piece_rows=<n>` (its table and view exist, the
   backfill is still to do), then `applied`; `removed` once dropped.
+- `layout:shards=<n> by=<shard_by>` (on a cluster): `applied` once a worker started with that
+  shard rule; more than one such version means partitions may have moved between shards.
 - `backfill:<slug>:<cutoff>` (on a cluster `...:shard<n>`, one per shard): `plan rows=<n>
   months=<n>`, `piece <yyyymm> <origin> <rows>`, `month <yyyymm>` (progress, see
   `sink.metering.backfill`).
@@ -97,6 +99,11 @@ def backfill_version(slug: str, cutoff: int, shard: int | None = None) -> str:
     return base if shard is None else f"{base}:shard{shard + 1}"
 
 
+def layout_version(shards: int, by: str) -> str:
+    """The shard rule a worker lands with: the number of shards and `clickhouse.shard_by`."""
+    return f"layout:shards={shards} by={by}"
+
+
 class Ledger:
     """`schema_migrations`; on a cluster made ON CLUSTER and replicated to every node alike."""
 
@@ -146,6 +153,18 @@ class Ledger:
 
     async def backfill(self, slug: str, cutoff: int, shard: int | None = None) -> BackfillRecords:
         return BackfillRecords.parse(await self.states(backfill_version(slug, cutoff, shard)))
+
+    async def layouts(self, current: str) -> set[str]:
+        """Every shard rule (`layout_version`) workers have started with, `current` recorded
+        first."""
+        rows = await self.ch.query(
+            f"SELECT DISTINCT version FROM {self.table} WHERE startsWith(version, 'layout:')"
+        )
+        seen = {str(v) for (v,) in rows}
+        if current not in seen:
+            await self.record(current, "", APPLIED)
+            seen.add(current)
+        return seen
 
     async def record(self, version: str, checksum: str, state: str) -> None:
         await self.ch.insert_columns(

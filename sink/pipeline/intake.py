@@ -211,22 +211,34 @@ class Intake:
             lane.forget(tps)
 
     async def _position_pending(self) -> bool:
-        """Position newly assigned partitions; False if ClickHouse or Redis did not answer."""
+        """Position newly assigned partitions, shard by shard: a shard that does not answer
+        leaves its partitions pending, not the others'. False if any did not answer."""
         # A partition whose older batch is still being inserted waits: reading its landed
         # offset now would miss that batch.
         busy = {tp for lane in self.lanes if lane.landing is not None for tp in lane.landing.ranges}
         tps = [tp for tp in self.assignments.pending if tp not in busy]
         if not tps:
             return True
-        try:
-            self.found_landed(await self.positioning.position(tps))
-        except DependencyError as exc:
-            self.vitals.failed(exc.dependency, exc)
-            self.log.warning(
-                "cannot read landed offsets, retrying",
-                dependency=exc.dependency,
-                error=str(exc)[:300],
-            )
-            return False
-        self.vitals.ok("clickhouse")
-        return True
+        groups: dict[int, list[TopicPartition]] = {}
+        if self.positioning.offsets.everywhere:  # every partition's ledger is on every shard
+            groups[0] = tps
+        else:
+            for tp in tps:
+                groups.setdefault(self.shard_of(tp), []).append(tp)
+        answered = True
+        for shard, group in sorted(groups.items()):
+            try:
+                self.found_landed(await self.positioning.position(group))
+            except DependencyError as exc:
+                answered = False
+                self.vitals.failed(exc.dependency, exc)
+                self.log.warning(
+                    "cannot read landed offsets, retrying",
+                    dependency=exc.dependency,
+                    shard=shard + 1,
+                    partitions=len(group),
+                    error=str(exc)[:300],
+                )
+        if answered:
+            self.vitals.ok("clickhouse")
+        return answered

@@ -60,12 +60,15 @@ class Worker:
         time_divisor: int,
         metrics: Metrics,
         insert_quorum: int = 0,
+        moved_shards: bool = False,
     ) -> None:
         """`inserters` and `readers`: one connection to each shard for the flushers, one
-        for positioning (a single server is one shard)."""
+        for positioning (a single server is one shard). `moved_shards`: the cluster has had
+        another number of shards, so positioning reads every shard (`ShardedOffsets`)."""
         self.config = config
         self.consumer = consumer
         self.store = store
+        self.shards = list(zip(inserters, readers, strict=True))
         c = config.clickhouse
         # The topic incarnations are the same on every shard: read from the first.
         self.topics = TopicKeys(readers[0], topics_table(c.offsets_table))
@@ -92,9 +95,9 @@ class Worker:
         namespaces = Namespaces(config.kafka.topics_regex, None)  # by topic: shard_by namespace
         self.shard_of = ShardRule(len(inserters), c.shard_by, self.topics.key, namespaces.of_topic)
 
-        def ledger(shards: Sequence[Shard]) -> ShardedOffsets:
+        def ledger(shards: Sequence[Shard], everywhere: bool = False) -> ShardedOffsets:
             stores = [OffsetStore(s, c.offsets_table, self.topics) for s in shards]
-            return ShardedOffsets(stores, self.shard_of)
+            return ShardedOffsets(stores, self.shard_of, everywhere)
 
         self.landing = Landing(
             ctx,
@@ -110,7 +113,7 @@ class Worker:
             ctx,
             consumer=consumer,
             assignments=self.assignments,
-            offsets=ledger(readers),
+            offsets=ledger(readers, everywhere=moved_shards),
             start_over=self._start_over,
         )
         self.flow = FlowControl(
@@ -372,7 +375,25 @@ class Worker:
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         http = self.config.http
-        return self.vitals.readiness(http.ready_dependency_grace, http.ready_stall_after)
+        ready, checks = self.vitals.readiness(http.ready_dependency_grace, http.ready_stall_after)
+        failing = self.failing_replicas()
+        if failing:  # which shard and replica, whether or not another replica took over
+            checks["clickhouse_failing"] = failing
+        return ready, checks
+
+    def failing_replicas(self) -> list[str]:
+        """'shard 2 replica 1 (host:port): error' for each ClickHouse replica whose last call
+        failed."""
+        out = []
+        for inserter, reader in self.shards:
+            report = inserter.report(reader)
+            for replica in report["replicas"]:
+                if not replica["up"]:
+                    out.append(
+                        f"shard {report['shard']} replica {replica['replica']} "
+                        f"({replica['address']}): {replica['error']}"
+                    )
+        return out
 
     def status(self) -> dict[str, Any]:
         rows, nbytes = self.intake.in_flight()
@@ -395,6 +416,7 @@ class Worker:
             "in_flight": {"rows": rows, "bytes": nbytes},
             "last_flush": self.vitals.last_flush,
             "dependencies": self.vitals.dependency_report(),
+            "clickhouse_shards": [inserter.report(reader) for inserter, reader in self.shards],
             "recent_errors": list(self.vitals.errors),
         }
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiokafka import AIOKafkaProducer
 
 from sink.coordinates import Coordinates, Span
@@ -31,6 +32,8 @@ from sink.stores.clickhouse.landed import OffsetStore
 from sink.stores.clickhouse.schema import EVENT_COLUMNS
 from sink.stores.clickhouse.shards import Shard, shard_of_partition
 from tests.conftest import STACK, Services
+from tests.integration.test_observability import get_json
+from tests.integration.test_worker import free_port
 from tests.integration.workload import REGEX, Workload, topics_for
 
 pytestmark = pytest.mark.cluster
@@ -162,12 +165,13 @@ async def assert_cluster_exact(c: Cluster, work: Workload) -> None:
 
 
 def _cluster_config(
-    sink_config: Callable[..., Path], c: Cluster, uid: str, **clickhouse: Any
+    sink_config: Callable[..., Path], c: Cluster, uid: str, port: int = 0, **clickhouse: Any
 ) -> Path:
     return sink_config(
         kafka={"topics_regex": REGEX.format(uid=uid)},
         clickhouse={"url": c.url(), "cluster": c.name, **clickhouse},
         batch={"max_rows": 1000, "max_wait": "200ms", "max_in_flight": 4000},
+        http={"port": port},
         worker={"drain_timeout": "20s", "log_format": "json", "retry_max": "1s"},
     )
 
@@ -205,13 +209,15 @@ async def _stream(
     uid: str,
     seed: int,
     events: int,
+    port: int = 0,
     **clickhouse: Any,
 ) -> Stream:
-    """Topics, a workload with duplicates sent at a steady pace, and a worker landing it."""
+    """Topics, a workload with duplicates sent at a steady pace, and a worker landing it
+    (its HTTP endpoints on `port`)."""
     topics, namespaces = await topics_for(make_topics, uid, partitions=4)
     work = Workload(topics, namespaces, partitions=4, seed=seed)
     work.add(events, duplicate_share=0.05)
-    proc = run_sink(_cluster_config(sink_config, c, uid, **clickhouse))
+    proc = run_sink(_cluster_config(sink_config, c, uid, port, **clickhouse))
     sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
     await _landing(proc, c, time.monotonic() + 90)
     return Stream(work, proc, sender)
@@ -384,7 +390,10 @@ async def test_a_whole_shard_down_pauses_its_partitions_only(
 ) -> None:
     if services.control is None:
         pytest.skip("needs the local stack's control script to kill nodes")
-    stream = await _stream(cluster, make_topics, sink_config, run_sink, producer, uid, 33, 6000)
+    port = free_port()
+    stream = await _stream(
+        cluster, make_topics, sink_config, run_sink, producer, uid, 33, 6000, port
+    )
     proc = stream.proc
     _stack("kill", "clickhouse-2-1", "clickhouse-2-2")
     try:
@@ -393,10 +402,19 @@ async def test_a_whole_shard_down_pauses_its_partitions_only(
         await asyncio.sleep(4)
         during = await landed_on_shards(cluster)
         assert proc.running
+        # What an operator sees meanwhile: the failing shard and replicas, by name.
+        _, ready = get_json(port, "/readyz")
+        _, status = get_json(port, "/status")
     finally:
         _stack("up", "clickhouse-2-1", "clickhouse-2-2")
     assert sum(during[0].values()) > sum(before[0].values()), (before, during)
     assert "shard 2 replica" in proc.logs()  # the failure names the shard and replica
+    failing = ready["clickhouse_failing"]
+    assert failing and all(f.startswith("shard 2 replica ") for f in failing), failing
+    first, second = status["clickhouse_shards"]
+    assert [r["up"] for r in first["replicas"]] == [True, True], first
+    assert not all(r["up"] for r in second["replicas"]), second
+    assert {r["address"] for r in second["replicas"]} == set(cluster.shards[1])
     await stream.finish(cluster)
     assert proc.stop() == 0
 
@@ -545,3 +563,85 @@ async def test_meters_on_the_cluster_equal_a_python_computation(
         assert all(not str(s).startswith("plan rows=0 ") for _, s in plans), plans
     finally:
         await ch.close()
+
+
+async def test_a_change_in_the_number_of_shards_neither_replays_nor_skips(
+    cluster: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+) -> None:
+    """A worker lands on the first shard alone (the cluster given by hand with one shard) and
+    is killed with -9; the next one lands on both shards, so some partitions move to the
+    second shard with their landed offsets still on the first. Positioning reads every shard
+    (the ledger records both layouts): the moved partitions continue after what landed."""
+    topics, namespaces = await topics_for(make_topics, uid, partitions=4)
+    work = Workload(topics, namespaces, partitions=4, seed=36)
+    work.add(5000, duplicate_share=0.05)
+    one = run_sink(_cluster_config(sink_config, cluster, uid, nodes=cluster.shards[:1]))
+    sender = asyncio.create_task(work.send(producer, chunk=200, pace=0.3))
+    await _landing(one, cluster, time.monotonic() + 90)
+    await asyncio.sleep(2)
+    one.kill()
+    two = run_sink(_cluster_config(sink_config, cluster, uid, nodes=cluster.shards), name="two")
+    await sender
+    await wait_cluster_landed(cluster, work.ends, 180, lambda: two.running)
+    assert "positioning reads every shard" in two.logs()
+    for replicas in cluster.shards:
+        await _one(cluster, replicas[0], f"SYSTEM SYNC REPLICA {cluster.database}.events")
+    [(rows, identities, offsets)] = await _one(
+        cluster,
+        cluster.shards[0][0],
+        f"SELECT count(), uniqExact(namespace, source, id), "
+        f"uniqExact(_topic, _partition, _offset) FROM {cluster.database}.events_all",
+    )
+    assert rows == identities == offsets == len(work.expected), (rows, identities, offsets)
+    moved = {(t, p) for t, p in work.ends if shard_of_partition(t, p, len(cluster.shards)) == 1}
+    assert moved, "no partition moved to the second shard"
+    second = await _one(
+        cluster,
+        cluster.shards[1][0],
+        f"SELECT DISTINCT _topic, _partition FROM {cluster.database}.events",
+    )
+    assert {(t, p) for t, p in second} <= moved
+    assert two.stop() == 0
+
+
+async def test_a_shard_down_during_a_rebalance_holds_only_its_own_partitions(
+    services: Services,
+    cluster: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+) -> None:
+    """While the second shard is down a second worker joins: every partition is assigned
+    anew, and those of the first shard are positioned and land while the second shard's
+    wait (positioning goes shard by shard)."""
+    if services.control is None:
+        pytest.skip("needs the local stack's control script to kill nodes")
+    stream = await _stream(cluster, make_topics, sink_config, run_sink, producer, uid, 37, 6000)
+    _stack("kill", "clickhouse-2-1", "clickhouse-2-2")
+    try:
+        # Migrations are done; the newcomer would otherwise wait for the DDL of every node.
+        late = _cluster_config(sink_config, cluster, uid)
+        config = yaml.safe_load(late.read_text())
+        config["worker"]["migrate_on_start"] = False
+        late.write_text(yaml.safe_dump(config))
+        second = run_sink(late, name="late")
+        deadline = time.monotonic() + 60
+        while "positioned from landed offsets" not in second.logs():
+            assert second.running and time.monotonic() < deadline, second.logs()[-3000:]
+            await asyncio.sleep(0.5)
+        before = await landed_on_shards(cluster)
+        await asyncio.sleep(4)
+        during = await landed_on_shards(cluster)
+    finally:
+        _stack("up", "clickhouse-2-1", "clickhouse-2-2")
+    assert sum(during[0].values()) > sum(before[0].values()), (before, during)
+    assert "cannot read landed offsets, retrying" in stream.proc.logs() + second.logs()
+    await stream.finish(cluster)
+    assert stream.proc.stop() == 0 and second.stop() == 0

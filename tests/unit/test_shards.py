@@ -10,12 +10,14 @@ import pytest
 import xxhash
 
 from sink.config import build
+from sink.coordinates import Coordinates, Span
 from sink.errors import ConfigError
 from sink.operations.metrics import Metrics
 from sink.pipeline.batch import Batch
 from sink.pipeline.flow import FlowControl
 from sink.pipeline.offsets import Assignments
 from sink.stores.clickhouse.cluster import Node, explicit
+from sink.stores.clickhouse.landed import ShardedOffsets
 from sink.stores.clickhouse.shards import ShardRule, shard_of_namespace, shard_of_partition
 from sink.stores.clickhouse.sql import Replication
 
@@ -134,3 +136,33 @@ def test_a_meter_on_a_cluster_is_replicated_per_shard_and_read_through_distribut
     single = MeterSQL(meter, ServerFeatures((18, 16)), "db", "events")
     assert single.table_all == single.table and single.create_distributed() == []
     assert "ON CLUSTER" not in single.create_table() + single.create_view(1)
+
+
+class _Ledger:
+    """One shard's landed offsets and raw-table coordinates, in memory."""
+
+    def __init__(self, landed: dict[tuple[str, int], int]) -> None:
+        self._landed = landed
+        self.asked: list[list[str]] = []
+
+    async def landed(self, topics: list[str]) -> dict[tuple[str, int], int]:
+        self.asked.append(topics)
+        return {tp: o for tp, o in self._landed.items() if tp[0] in topics}
+
+    async def present(self, table: str, ranges: Any, bounds: Any) -> set[Coordinates]:
+        return {Coordinates(t, p, o) for (t, p), (first, _) in ranges.items() for o in [first]}
+
+
+async def test_landed_offsets_are_read_on_the_rule_shard_or_after_a_change_on_every_shard() -> None:
+    # Partition 0 moved from shard 1 (earlier layout) to shard 2: its offsets are on both.
+    shard_1 = _Ledger({("t", 0): 500, ("t", 1): 70})
+    shard_2 = _Ledger({("t", 0): 40})
+    rule = {("t", 0): 1, ("t", 1): 0}.__getitem__
+    usual = ShardedOffsets([shard_1, shard_2], rule)  # type: ignore[list-item]
+    assert await usual.landed([("t", 0), ("t", 1)]) == {("t", 0): 40, ("t", 1): 70}
+    moved = ShardedOffsets([shard_1, shard_2], rule, everywhere=True)  # type: ignore[list-item]
+    assert await moved.landed([("t", 0), ("t", 1)]) == {("t", 0): 500, ("t", 1): 70}
+    found = await moved.present("events", {("t", 0): Span(501, 600)}, (0, 1))
+    assert found == {Coordinates("t", 0, 501)}
+    # One shard: nothing else to ask, whatever the ledger says.
+    assert ShardedOffsets([shard_1], lambda tp: 0, everywhere=True).everywhere is False  # type: ignore[list-item]

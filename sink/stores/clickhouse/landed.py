@@ -98,16 +98,34 @@ class OffsetStore:
 
 
 class ShardedOffsets:
-    """The landed-offset ledger of every shard: each partition's read and written on the
-    shard `shard_of` gives it. Takes and returns what `OffsetStore` does."""
+    """The landed-offset ledger of every shard: each partition's written on the shard
+    `shard_of` gives it, and read there. Takes and returns what `OffsetStore` does.
+
+    With `everywhere` (the cluster has had another number of shards, so a partition's earlier
+    rows and offsets may be on another shard), reads ask every shard: a partition's landed
+    offset is the highest any shard holds, and an interrupted insert is looked for on every
+    shard. A partition that moved then neither replays nor skips; positioning then needs every
+    shard to answer."""
 
     def __init__(
-        self, stores: Sequence[OffsetStore], shard_of: Callable[[TopicPartition], int]
+        self,
+        stores: Sequence[OffsetStore],
+        shard_of: Callable[[TopicPartition], int],
+        everywhere: bool = False,
     ) -> None:
         self.stores = list(stores)
         self.shard_of = shard_of
+        self.everywhere = everywhere and len(self.stores) > 1
+
+    def _to_read(self, tps: Iterable[TopicPartition]) -> dict[int, list[TopicPartition]]:
+        """The shards to ask about `tps`, with the partitions each is asked about."""
+        if self.everywhere:
+            every = list(tps)
+            return dict.fromkeys(range(len(self.stores)), every)
+        return self._by_shard(tps)
 
     def _by_shard(self, tps: Iterable[TopicPartition]) -> dict[int, list[TopicPartition]]:
+        """`tps` by the shard the rule gives each."""
         groups: dict[int, list[TopicPartition]] = {}
         for tp in tps:
             groups.setdefault(self.shard_of(tp), []).append(tp)
@@ -116,9 +134,11 @@ class ShardedOffsets:
     async def landed(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         """The landed offset of each of `tps` that has one."""
         out: dict[TopicPartition, int] = {}
-        for shard, group in self._by_shard(tps).items():
+        for shard, group in self._to_read(tps).items():
             landed = await self.stores[shard].landed(sorted({t for t, _ in group}))
-            out.update((tp, landed[tp]) for tp in group if tp in landed)
+            for tp in group:
+                if tp in landed and landed[tp] > out.get(tp, -1):
+                    out[tp] = landed[tp]
         return out
 
     async def present(
@@ -128,7 +148,7 @@ class ShardedOffsets:
         time_bounds: tuple[int, int],
     ) -> set[Coordinates]:
         found: set[Coordinates] = set()
-        for shard, group in self._by_shard(ranges).items():
+        for shard, group in self._to_read(ranges).items():
             mine = {tp: ranges[tp] for tp in group}
             found |= await self.stores[shard].present(events_table, mine, time_bounds)
         return found

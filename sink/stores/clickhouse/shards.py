@@ -10,9 +10,11 @@ interrupted insert left, are read from that one shard.
 - `shard_by: namespace`: shard = xxh3_64 of the topic's namespace modulo the number of
   shards: all of a customer's topics land on one shard.
 
-The rule depends on the number of shards: adding shards moves partitions. Positioning reads
-a partition's landed offset from every shard and starts after the highest, so a moved
-partition neither replays nor skips (see `Shards.landed`).
+The rule depends on the number of shards: adding shards moves partitions (as does changing
+`shard_by`). Every rule a worker started with is recorded in the ledger
+(`sink.app.shard_layouts`); once there is more than one, positioning reads a partition's
+landed offset from every shard and starts after the highest, so a moved partition neither
+replays nor skips (`sink.stores.clickhouse.landed.ShardedOffsets`).
 
 One server without a cluster is one shard of one replica: the same code lands it.
 """
@@ -20,8 +22,9 @@ One server without a cluster is one shard of one replica: the same code lands it
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import xxhash
 
@@ -31,6 +34,13 @@ from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.sql import ServerFeatures
 
 T = TypeVar("T")
+
+
+class Failing(NamedTuple):
+    """A replica whose last call failed: since when (wall clock) and the last error."""
+
+    since: float
+    error: str
 
 
 class Shard:
@@ -62,6 +72,8 @@ class Shard:
         self.current = 0
         self._conns: dict[int, ClickHouse] = {0: connect(self.nodes[0])}
         self.database = self._conns[0].database
+        self.failing: dict[str, Failing] = {}
+        """Replicas (by `Node.name`) whose last call failed; a success removes the entry."""
 
     @property
     def node(self) -> Node:
@@ -84,11 +96,17 @@ class Shard:
     async def _call(self, op: Callable[[ClickHouse], Awaitable[T]]) -> T:
         node = self.node
         try:
-            return await op(self._connection())
+            result = await op(self._connection())
         except ClickHouseUnavailable as exc:
+            earlier = self.failing.get(node.name)
+            since = earlier.since if earlier else time.time()
+            self.failing[node.name] = Failing(since, str(exc)[:300])
             if len(self.nodes) > 1:
                 self.current = (self.current + 1) % len(self.nodes)
             raise ClickHouseUnavailable(f"{node.name}: {exc}") from exc
+        if self.failing:
+            self.failing.pop(node.name, None)
+        return result
 
     async def query(self, sql: str) -> list[tuple[Any, ...]]:
         return await self._call(lambda ch: ch.query(sql))
@@ -127,6 +145,25 @@ class Shard:
             f"SYSTEM SYNC REPLICA {self.table(table)}",
             {"receive_timeout": int(self.sync_timeout)},
         )
+
+    def report(self, *others: Shard) -> dict[str, Any]:
+        """For `/status`: the replica in use and each replica's state, from this connection
+        and `others` to the same shard (the most recent failure of each replica wins)."""
+        failing = dict(self.failing)
+        for other in others:
+            for name, failure in other.failing.items():
+                if name not in failing or failure.since > failing[name].since:
+                    failing[name] = failure
+        replicas = []
+        for node in self.nodes:
+            entry: dict[str, Any] = {"replica": node.replica, "address": node.address}
+            last = failing.get(node.name)
+            entry["up"] = last is None
+            if last is not None:
+                entry["failing_since"] = last.since
+                entry["error"] = last.error
+            replicas.append(entry)
+        return {"shard": self.index + 1, "in_use": self.node.address, "replicas": replicas}
 
     async def close(self) -> None:
         conns, self._conns = self._conns, {}
