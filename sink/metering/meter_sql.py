@@ -75,6 +75,41 @@ def _member(name: str) -> _Member:
     return _Member(defined, alias, quote(key), len(f'"{key}":'.encode()) + 1)
 
 
+def json_number(number: str) -> str:
+    """SQL: the JSON text the worker's serialiser (orjson) writes for the Float64 `number`, as
+    18.16 reads it from the stored text. Current servers write a number of `data` in their own
+    notation (`JSONExtractRaw` gives `7` for `7.0`, `1.5e300` for `1.5e+300`), so the text is
+    rebuilt from the shortest digits that read back as the number (what `toString` writes, in
+    whichever notation): positional from 1e-5 up to 1e16, with `.0` when integral, else
+    `d.ddde+n`. Lambdas over one-element arrays name the intermediate values."""
+    # p: the magnitude split at its exponent; q: its mantissa split at the point; d: the
+    # mantissa's digits; t: d without leading zeros; s: the significant digits; e: the
+    # decimal exponent of the first of them.
+    zeros = "repeat('0', toUInt32(greatest({}, 0)))".format
+    positional = (
+        f"if(e >= length(s) - 1, concat(s, {zeros('e + 1 - length(s)')}, '.0'), "
+        "if(e >= 0, concat(substring(s, 1, e + 1), '.', substring(s, e + 2)), "
+        f"concat('0.', {zeros('-e - 1')}, s)))"
+    )
+    scientific = (
+        "concat(substring(s, 1, 1), if(length(s) > 1, concat('.', substring(s, 2)), ''), "
+        "'e', if(e >= 0, '+', '-'), toString(abs(e)))"
+    )
+    text = f"if(s = '', '0.0', if(e >= -5 AND e < 16, {positional}, {scientific}))"
+    exponent = (
+        "toInt32OrZero(replaceOne(p[2], '+', '')) + toInt32(length(q[1])) - 1 "
+        "- toInt32(length(d)) + toInt32(length(t))"
+    )
+    rebuilt = (
+        f"arrayMap(p -> arrayMap(q -> arrayMap(d -> arrayMap(t -> arrayMap((s, e) -> {text}, "
+        f"[replaceRegexpOne(t, '0+$', '')], [{exponent}])[1], "
+        "[replaceRegexpOne(d, '^0+', '')])[1], [concat(q[1], q[2])])[1], "
+        "[splitByChar('.', p[1])])[1], "
+        f"[splitByChar('e', lower(toString(abs({number}))))])[1]"
+    )
+    return f"concat(if(startsWith(toString({number}), '-'), '-', ''), {rebuilt})"
+
+
 _VIEW_CUTOFF = re.compile(r"stored_at >= toDateTime\((\d+)\)")
 
 
@@ -148,8 +183,15 @@ class MeterSQL:
         return f"visitParamExtractFloat({member.defined}, {member.key})"
 
     def _raw(self, where: tuple[str, ...]) -> str:
+        """The value's JSON text: a scalar as the worker wrote it (with JSONExtract a string
+        keeps its quotes but takes the server's escapes, which still tells every string
+        apart; an object or array is the server's text of it)."""
         if self.features.json_extract:
-            return f"JSONExtractRaw(data, {self._args(where)})"
+            args = self._args(where)
+            return (
+                f"if(JSONType(data, {args}) = 'Double', "
+                f"{json_number(f'JSONExtractFloat(data, {args})')}, JSONExtractRaw(data, {args}))"
+            )
         return _member(where[0]).value(first=True)
 
     def _group(self, where: tuple[str, ...]) -> str:
@@ -157,7 +199,7 @@ class MeterSQL:
             args = self._args(where)
             return (
                 f"if(JSONType(data, {args}) = 'String', JSONExtractString(data, {args}), "
-                f"if(JSONType(data, {args}) = 'Null', '', JSONExtractRaw(data, {args})))"
+                f"if(JSONType(data, {args}) = 'Null', '', {self._raw(where)}))"
             )
         member = _member(where[0])
         raw = member.value(first=False)
@@ -189,6 +231,11 @@ class MeterSQL:
     def _time_type(self) -> str:
         return "DateTime64(3, 'UTC')" if self.features.datetime64 else "DateTime('UTC')"
 
+    def _time(self) -> str:
+        """The event time in the type of the LATEST state: a raw table made on an older server
+        keeps `time` in seconds (DateTime) after an upgrade."""
+        return "toDateTime64(time, 3, 'UTC')" if self.features.datetime64 else "time"
+
     def _state_type(self) -> str:
         function, argument = _STATE[self.meter.aggregation]
         if self.meter.aggregation == "LATEST":
@@ -206,7 +253,7 @@ class MeterSQL:
         if agg == "UNIQUE_COUNT":
             return f"uniqExactState({self._raw(where)})"
         if agg == "LATEST":
-            return f"argMaxState({self._number(where)}, time)"
+            return f"argMaxState({self._number(where)}, {self._time()})"
         return f"{_STATE[agg][0]}State({self._number(where)})"
 
     def merge(self) -> str:
