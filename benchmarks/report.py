@@ -61,20 +61,60 @@ def aggregate(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return agg
 
 
+SHAPES = ("flat", "mixed")
+
+
+def prefix(shape: str) -> str:
+    """The key prefix of a workload's contenders: none for the flat one (`sink_w1`), the
+    shape for the others (`mixed_sink_w1`)."""
+    return "" if shape == "flat" else f"{shape}_"
+
+
+def title(key: str) -> str:
+    """A contender's title from its key, the workload shown for all but the flat one."""
+    for shape in SHAPES[1:]:
+        if key.startswith(prefix(shape)):
+            return f"[{shape}] " + CONTENDERS[key[len(prefix(shape)) :]]
+    return CONTENDERS[key]
+
+
+def workload_keys(agg: dict[str, Any]) -> list[str]:
+    """The contenders measured, workload by workload, in the table's order."""
+    return [prefix(w) + k for w in SHAPES for k in CONTENDERS if prefix(w) + k in agg]
+
+
 def ratios(agg: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """sink / other, per kind (steady, wall), from the medians."""
+    """sink / other of the same workload, per kind (steady, wall), from the medians; for a
+    workload other than the flat one also `flat_<kind>`: this workload's figure over the
+    same contender's on the flat workload, and `flat_cpu` for CPU per event."""
     out: dict[str, dict[str, float]] = {}
-    for sink in SINKS:
-        if sink not in agg:
-            continue
-        out[sink] = {}
-        for other in ("consume", "insert", "peer", "naive", "sink_w1", "sink_cluster_q0"):
-            if other == sink or other not in agg:
+    for shape in SHAPES:
+        pre = prefix(shape)
+        for sink in SINKS:
+            if pre + sink not in agg:
                 continue
+            mine_agg = agg[pre + sink]
+            row = out[pre + sink] = {}
+            for other in ("consume", "insert", "peer", "naive", "sink_w1", "sink_cluster_q0"):
+                if other == sink or pre + other not in agg:
+                    continue
+                for kind in ("steady", "wall"):
+                    mine, theirs = mine_agg.get(kind), agg[pre + other].get(kind)
+                    if mine and theirs and theirs["median"]:
+                        row[f"{other}_{kind}"] = mine["median"] / theirs["median"]
+            if pre and sink in agg:
+                for kind in ("steady", "wall", "cpu_s_per_m"):
+                    mine, theirs = mine_agg.get(kind), agg[sink].get(kind)
+                    if mine and theirs and theirs["median"]:
+                        name = "flat_cpu" if kind == "cpu_s_per_m" else f"flat_{kind}"
+                        row[name] = mine["median"] / theirs["median"]
+        peer = agg.get(pre + "peer")
+        if pre and peer and agg.get("peer"):
+            row = out[pre + "peer"] = {}
             for kind in ("steady", "wall"):
-                mine, theirs = agg[sink].get(kind), agg[other].get(kind)
+                mine, theirs = peer.get(kind), agg["peer"].get(kind)
                 if mine and theirs and theirs["median"]:
-                    out[sink][f"{other}_{kind}"] = mine["median"] / theirs["median"]
+                    row[f"flat_{kind}"] = mine["median"] / theirs["median"]
     return out
 
 
@@ -95,16 +135,22 @@ def _fmt(s: dict[str, float] | None, digits: int = 1) -> str:
 def markdown(doc: dict[str, Any]) -> str:
     meta, agg, rat = doc["meta"], doc["aggregate"], doc["ratios"]
     load = meta["load"]
-    lines = [
-        f"# sink benchmark — {meta['started']}",
+    loads = meta.get("loads") or {"flat": load}
+    lines = [f"# sink benchmark — {meta['started']}", ""]
+    for shape, w in loads.items():
+        lines.append(
+            f"- **{shape}** workload: N = {w['records']:,} records ({w['unique_valid']:,} "
+            f"unique valid, {w['duplicates']:,} duplicates, {w['invalid']:,} invalid; "
+            f"{w['avg_record_bytes']:.0f} bytes average) on {len(w['topics'])} topics x "
+            f"{w['partitions_per_topic']} partitions, {w['subjects']:,} subjects; loading "
+            f"(not timed) {w['load_seconds']:.1f} s, {w['load_records_per_s']:,} records/s."
+            + (" Sink runs with the meters of `benchmarks.workload.MIXED_METERS`."
+               if shape == "mixed" else "")
+        )  # fmt: skip
+    lines += [
         "",
-        f"N = {load['records']:,} records ({load['unique_valid']:,} unique valid, "
-        f"{load['duplicates']:,} duplicates, {load['invalid']:,} invalid; "
-        f"{load['avg_record_bytes']:.0f} bytes average) on {len(load['topics'])} topics x "
-        f"{load['partitions_per_topic']} partitions, {load['subjects']:,} subjects; "
-        f"{meta['runs']} run(s), median (min\u2013max). Naive baseline on "
-        f"{meta['naive_events']:,} records. Loading (not timed): {load['load_seconds']:.1f} s, "
-        f"{load['load_records_per_s']:,} records/s.",
+        f"{meta['runs']} run(s), median (min\u2013max); the workloads take turns within each "
+        f"run. Naive baseline on {meta['naive_events']:,} records of the flat workload.",
         "",
         f"Machine: {meta['cpus']} CPUs shared by Kafka, ClickHouse {meta['clickhouse']}, Redis, "
         f"the contenders and other work (load average at start "
@@ -122,14 +168,12 @@ def markdown(doc: dict[str, Any]) -> str:
         "| contender | events/s steady | events/s wall | CPU s / M events | peak RSS MB |",
         "|---|---:|---:|---:|---:|",
     ]
-    for key, title in CONTENDERS.items():
-        if key not in agg:
-            continue
+    for key in workload_keys(agg):
         a = agg[key]
         rss = "\u2013"
         if a.get("rss_total_mb"):
             rss = f"{a['rss_total_mb']['median']:,.0f}"
-            if key == "sink_w2" and a.get("rss_single_mb"):
+            if key.endswith("sink_w2") and a.get("rss_single_mb"):
                 rss += f" (largest process {a['rss_single_mb']['median']:,.0f})"
         failed = f" — {a['failed']} run(s) failed" if a.get("failed") else ""
         results = doc["raw"].get(key, [])
@@ -137,7 +181,7 @@ def markdown(doc: dict[str, Any]) -> str:
         if inexact:
             failed += f" — **NOT EXACT in {inexact} of {len(results)} run(s)**"
         lines.append(
-            f"| {title}{failed} | {_fmt_rate(a['steady'])} | {_fmt_rate(a['wall'])} | "
+            f"| {title(key)}{failed} | {_fmt_rate(a['steady'])} | {_fmt_rate(a['wall'])} | "
             f"{_fmt(a['cpu_s_per_m'])} | {rss} |"
         )
     lines += [
@@ -152,7 +196,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if any(rat.values()):
         names = {"consume": "consume ceiling", "insert": "insert ceiling", "peer": "peer",
                  "naive": "naive", "sink_w1": "sink 1 worker",
-                 "sink_cluster_q0": "sink on the cluster, no quorum"}  # fmt: skip
+                 "sink_cluster_q0": "sink on the cluster, no quorum",
+                 "flat": "same on the flat workload"}  # fmt: skip
         cols = [k for k in names if any(x.startswith(k + "_") for r in rat.values() for x in r)]
         lines += [
             "| sink / other: steady; wall | " + " | ".join(names[k] for k in cols) + " |",
@@ -162,13 +207,15 @@ def markdown(doc: dict[str, Any]) -> str:
             cells = []
             for k in cols:
                 steady, wall = r.get(k + "_steady"), r.get(k + "_wall")
+                cpu = r.get("flat_cpu") if k == "flat" else None
                 cells.append(
                     "\u2013"
                     if steady is None and wall is None
                     else f"{'n/a' if steady is None else f'{steady:.2f}'}; "
                     f"{'n/a' if wall is None else f'{wall:.2f}'}"
-                )
-            lines.append(f"| {CONTENDERS[sink]} | " + " | ".join(cells) + " |")
+                    + ("" if cpu is None else f" (CPU/event {cpu:.2f})")
+                )  # fmt: skip
+            lines.append(f"| {title(sink)} | " + " | ".join(cells) + " |")
         lines.append("")
     peers = [r for r in doc["raw"].get("peer", []) if not r.get("error")]
     if peers:
@@ -185,7 +232,9 @@ def markdown(doc: dict[str, Any]) -> str:
             ),
             "",
         ]
-    sinks = [(k, r) for k in SINKS for r in doc["raw"].get(k, [])]
+    sinks = [
+        (prefix(w) + k, r) for w in SHAPES for k in SINKS for r in doc["raw"].get(prefix(w) + k, [])
+    ]
     if sinks:
         lines += [
             "Inside the sink runs (from the worker's log and /metrics):",
@@ -282,7 +331,7 @@ def chart(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.ticker
 
     agg = doc["aggregate"]
-    keys = [k for k in CONTENDERS if k in agg and (agg[k].get("steady") or agg[k].get("wall"))]
+    keys = [k for k in workload_keys(agg) if agg[k].get("steady") or agg[k].get("wall")]
     if not keys:
         return
     labels = {
@@ -295,7 +344,11 @@ def chart(doc: dict[str, Any], path: Path) -> None:
         "peer": "ClickHouse\nKafka engine",
         "naive": "naive\nper-record",
     }
-    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for key in keys:  # the other workloads' contenders, marked
+        for shape in SHAPES[1:]:
+            if key.startswith(prefix(shape)):
+                labels[key] = f"[{shape}]\n" + labels[key[len(prefix(shape)) :]]
+    fig, ax = plt.subplots(figsize=(max(9.0, 1.1 * len(keys)), 4.8))
     width = 0.38
     xs = range(len(keys))
     for offset, kind, color in ((-width / 2, "steady", "#2b6cb0"), (width / 2, "wall", "#a0aec0")):

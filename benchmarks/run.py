@@ -47,7 +47,7 @@ from benchmarks.common import (
     summary,
 )
 from benchmarks.contenders import PREFIX
-from benchmarks.workload import Loaded, Spec, load
+from benchmarks.workload import MIXED_METERS, SHAPES, Loaded, Spec, load
 
 ALL = ("consume", "insert", "sink", "cluster", "peer", "naive", "latency")
 QUORUMS = {"sink_cluster": None, "sink_cluster_q0": 0}
@@ -82,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only", default=",".join(ALL), help=f"comma-separated subset of {','.join(ALL)}"
     )
+    p.add_argument(
+        "--workloads",
+        default=",".join(SHAPES),
+        help=f"comma-separated event shapes to measure, of {','.join(SHAPES)}",
+    )
     p.add_argument("--profile", action="store_true", help="also profile one worker (py-spy)")
     p.add_argument("--publish", action="store_true", help="copy table+chart to benchmarks/report")
     p.add_argument("--timeout", type=float, default=None, help="per measurement, seconds")
@@ -98,6 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown --only entries: {sorted(unknown)}")
     args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if not args.workloads or set(args.workloads) - set(SHAPES):
+        p.error(f"--workloads takes a subset of {','.join(SHAPES)}")
     if args.timeout is None:
         args.timeout = max(300.0, args.events / 1000)
     if args.batch_rows is None:
@@ -167,17 +175,22 @@ async def main(args: argparse.Namespace) -> int:
             shutil.rmtree(old, ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
     version = await server_version(services)
-    spec = Spec(
-        run=tag,
-        events=args.events,
-        topics=args.topics,
-        partitions=args.partitions,
-        subjects=args.subjects,
-        dup_share=args.dup_share,
-        invalid_share=args.invalid_share,
-        seed=args.seed,
-        base_ms=int(time.time() * 1000),
-    )
+    specs = [
+        Spec(
+            run=tag,
+            kind="events" if shape == "flat" else shape,
+            events=args.events,
+            topics=args.topics,
+            partitions=args.partitions,
+            subjects=args.subjects,
+            dup_share=args.dup_share,
+            invalid_share=args.invalid_share,
+            seed=args.seed,
+            base_ms=int(time.time() * 1000),
+            shape=shape,
+        )
+        for shape in args.workloads
+    ]
     m = Measurements(services, attempts=1 + args.retries)
     notes: list[str] = []
     doc: dict[str, Any] = {
@@ -202,24 +215,36 @@ async def main(args: argparse.Namespace) -> int:
         }
     }
     try:
-        log(
-            f"run {tag}: generating and loading {args.events:,} records into "
-            f"{spec.topic_names} x {spec.partitions} partitions"
-        )
-        loaded = await load(spec, services.kafka)
-        doc["meta"]["load"] = loaded.stats()
-        log(
-            f"loaded in {loaded.load_seconds:.1f}s "
-            f"({loaded.records / loaded.load_seconds:,.0f} records/s; generation "
-            f"{loaded.generate_seconds:.1f}s of it): {loaded.new:,} unique valid, "
-            f"{loaded.duplicates:,} duplicates, {loaded.invalid:,} invalid, "
-            f"{loaded.nbytes / loaded.records:.0f} bytes average"
-        )
-        await throughput(args, services, loaded, workdir, m)
+        workloads: list[Loaded] = []
+        for spec in specs:
+            log(
+                f"run {tag}: generating and loading {args.events:,} {spec.shape} records into "
+                f"{spec.topic_names} x {spec.partitions} partitions"
+            )
+            loaded = await load(spec, services.kafka)
+            doc["meta"].setdefault("loads", {})[spec.shape] = loaded.stats()
+            log(
+                f"loaded in {loaded.load_seconds:.1f}s "
+                f"({loaded.records / loaded.load_seconds:,.0f} records/s; generation "
+                f"{loaded.generate_seconds:.1f}s of it): {loaded.new:,} unique valid, "
+                f"{loaded.duplicates:,} duplicates, {loaded.invalid:,} invalid, "
+                f"{loaded.nbytes / loaded.records:.0f} bytes average"
+            )
+            workloads.append(loaded)
+        doc["meta"]["load"] = doc["meta"]["loads"][specs[0].shape]
+        # The workloads take turns within each run, so that they meet the same machine.
+        for r in range(args.runs):
+            log(f"--- run {r + 1}/{args.runs}")
+            for loaded in workloads:
+                await throughput(args, services, loaded, workdir, m, r)
+        spec = specs[0]
         if "latency" in args.only:
             doc["latency"] = await latency(args, services, spec, workdir, m, notes)
         if args.profile:
-            doc["profile_md"], doc["profile"] = await profile(args, services, loaded, workdir)
+            # The last workload (mixed, when it runs): the shape the worker sees in production.
+            doc["profile_md"], doc["profile"] = await profile(
+                args, services, workloads[-1], workdir
+            )
     finally:
         log("cleaning up")
         await cleanup(services, tag)
@@ -288,6 +313,8 @@ def disturbance(result: dict[str, Any], key: str = "") -> list[str]:
     """Why a measurement cannot be trusted: the stack's services are shared, and other
     people's tests kill and restart them."""
     reasons = []
+    for shape in SHAPES:  # `mixed_sink_w1` uses what `sink_w1` uses
+        key = key.removeprefix(f"{shape}_")
     uses = USES.get(key, {"kafka", "redis", "clickhouse"})
     if key.startswith("sink_cluster"):  # the cluster's servers and ZooKeeper, not the single one
         uses = {"kafka", "redis", "zookeeper"}
@@ -375,91 +402,99 @@ async def throughput(
     loaded: Loaded,
     workdir: Path,
     m: Measurements,
+    r: int,
 ) -> None:
+    """Run `r` of every contender on one workload. The flat workload's keys are the
+    contenders' names (`sink_w1`); the others' carry the shape (`mixed_sink_w1`), as do the
+    resources each makes."""
     from benchmarks.peer import run_peer
     from benchmarks.sinkbench import run_sink
 
     spec = loaded.spec
+    pre = "" if spec.shape == "flat" else f"{spec.shape}_"
+    shown_as = "" if spec.shape == "flat" else f"[{spec.shape}] "
+    meters = MIXED_METERS if spec.shape == "mixed" else None
     topics = spec.topic_names
     total = loaded.total
-    for r in range(args.runs):
-        log(f"--- run {r + 1}/{args.runs}")
-        if "consume" in args.only:
+    if "consume" in args.only:
 
-            async def consume(attempt: int, r: int = r) -> dict[str, Any]:
-                group = f"bench_{spec.run}_consume_{r}_{attempt}"
-                params = {"bootstrap": services.kafka, "topics": topics, "total": total,
-                          "group": group, "max_records": args.batch_rows,
-                          "timeout": args.timeout}  # fmt: skip
-                try:
-                    return await run_contender("consume", params, args.timeout + 60, workdir)
-                finally:
-                    await delete_groups(services.kafka, [group])
+        async def consume(attempt: int, r: int = r) -> dict[str, Any]:
+            group = f"bench_{spec.run}_{pre}consume_{r}_{attempt}"
+            params = {"bootstrap": services.kafka, "topics": topics, "total": total,
+                      "group": group, "max_records": args.batch_rows,
+                      "timeout": args.timeout}  # fmt: skip
+            try:
+                return await run_contender("consume", params, args.timeout + 60, workdir)
+            finally:
+                await delete_groups(services.kafka, [group])
 
-            await m.run("consume", "consume ceiling", consume)
-        if "insert" in args.only:
+        await m.run(pre + "consume", shown_as + "consume ceiling", consume)
+    if "insert" in args.only:
 
-            async def insert(attempt: int, r: int = r) -> dict[str, Any]:
-                db = f"bench_{spec.run}_insert_{r}_{attempt}"
-                params = {"spec": spec.to_json(), "clickhouse": services.ch_url(db),
-                          "batch_rows": args.batch_rows,
-                          "timestamp_ms": loaded.produce_ms}  # fmt: skip
-                try:
-                    return await run_contender(
-                        "insert", params, args.timeout * 2, workdir, rss=False
-                    )
-                finally:
-                    await drop_database(services, db)
+        async def insert(attempt: int, r: int = r) -> dict[str, Any]:
+            db = f"bench_{spec.run}_{pre}insert_{r}_{attempt}"
+            params = {"spec": spec.to_json(), "clickhouse": services.ch_url(db),
+                      "batch_rows": args.batch_rows,
+                      "timestamp_ms": loaded.produce_ms}  # fmt: skip
+            try:
+                return await run_contender("insert", params, args.timeout * 2, workdir, rss=False)
+            finally:
+                await drop_database(services, db)
 
-            await m.run("insert", "insert ceiling", insert)
-        if "sink" in args.only:
-            for workers in args.workers:
+        await m.run(pre + "insert", shown_as + "insert ceiling", insert)
+    if "sink" in args.only:
+        for workers in args.workers:
 
-                async def sink(attempt: int, r: int = r, workers: int = workers) -> dict[str, Any]:
-                    label = f"sink_w{workers}_{r}" + (f"_{attempt}" if attempt else "")
-                    return await run_sink(services, loaded, label, workers, workdir, args.timeout)
-
-                await m.run(f"sink_w{workers}", f"sink {workers} worker(s)", sink)
-        if "cluster" in args.only and services.cluster is not None:
-            for key, quorum in QUORUMS.items():
-
-                async def on_cluster(
-                    attempt: int, r: int = r, key: str = key, quorum: int | None = quorum
-                ) -> dict[str, Any]:
-                    label = f"{key}_{r}" + (f"_{attempt}" if attempt else "")
-                    return await run_sink(
-                        services, loaded, label, 1, workdir, args.timeout,
-                        cluster=services.cluster, insert_quorum=quorum,
-                    )  # fmt: skip
-
-                title = "sink 1 worker, 2x2 cluster, insert_quorum " + (
-                    "default" if quorum is None else str(quorum)
+            async def sink(attempt: int, r: int = r, workers: int = workers) -> dict[str, Any]:
+                label = f"{pre}sink_w{workers}_{r}" + (f"_{attempt}" if attempt else "")
+                return await run_sink(
+                    services, loaded, label, workers, workdir, args.timeout, meters=meters
                 )
-                await m.run(key, title, on_cluster)
-        if "peer" in args.only:
 
-            async def peer(attempt: int, r: int = r) -> dict[str, Any]:
-                return await run_peer(services, loaded, f"peer_{r}_{attempt}", args.timeout)
+            await m.run(f"{pre}sink_w{workers}", f"{shown_as}sink {workers} worker(s)", sink)
+    if "cluster" in args.only and services.cluster is not None:
+        for key, quorum in QUORUMS.items():
 
-            await m.run("peer", "ClickHouse Kafka engine", peer)
-        if "naive" in args.only:
+            async def on_cluster(
+                attempt: int, r: int = r, key: str = key, quorum: int | None = quorum
+            ) -> dict[str, Any]:
+                label = f"{pre}{key}_{r}" + (f"_{attempt}" if attempt else "")
+                return await run_sink(
+                    services, loaded, label, 1, workdir, args.timeout,
+                    cluster=services.cluster, insert_quorum=quorum, meters=meters,
+                )  # fmt: skip
 
-            async def naive(attempt: int, r: int = r) -> dict[str, Any]:
-                db = f"bench_{spec.run}_naive_{r}_{attempt}"
-                prefix = f"bench:{spec.run}:naive_{r}_{attempt}:"
-                group = f"bench_{spec.run}_naive_{r}_{attempt}"
-                params = {"bootstrap": services.kafka, "topics": topics, "group": group,
-                          "limit": min(args.naive_events, total), "redis": services.redis,
-                          "redis_prefix": prefix, "clickhouse": services.ch_url(db),
-                          "topics_regex": spec.topics_regex}  # fmt: skip
-                try:
-                    return await run_contender("naive", params, args.timeout, workdir)
-                finally:
-                    await drop_database(services, db)
-                    await delete_redis_prefix(services.redis, prefix)
-                    await delete_groups(services.kafka, [group])
+            title = (
+                shown_as
+                + "sink 1 worker, 2x2 cluster, insert_quorum "
+                + ("default" if quorum is None else str(quorum))
+            )
+            await m.run(pre + key, title, on_cluster)
+    if "peer" in args.only:
 
-            await m.run("naive", "naive", naive)
+        async def peer(attempt: int, r: int = r) -> dict[str, Any]:
+            label = f"{pre}peer_{r}_{attempt}"
+            return await run_peer(services, loaded, label, args.timeout)
+
+        await m.run(pre + "peer", shown_as + "ClickHouse Kafka engine", peer)
+    if "naive" in args.only and not pre:
+
+        async def naive(attempt: int, r: int = r) -> dict[str, Any]:
+            db = f"bench_{spec.run}_naive_{r}_{attempt}"
+            prefix = f"bench:{spec.run}:naive_{r}_{attempt}:"
+            group = f"bench_{spec.run}_naive_{r}_{attempt}"
+            params = {"bootstrap": services.kafka, "topics": topics, "group": group,
+                      "limit": min(args.naive_events, total), "redis": services.redis,
+                      "redis_prefix": prefix, "clickhouse": services.ch_url(db),
+                      "topics_regex": spec.topics_regex}  # fmt: skip
+            try:
+                return await run_contender("naive", params, args.timeout, workdir)
+            finally:
+                await drop_database(services, db)
+                await delete_redis_prefix(services.redis, prefix)
+                await delete_groups(services.kafka, [group])
+
+        await m.run("naive", "naive", naive)
 
 
 async def latency(
@@ -474,7 +509,8 @@ async def latency(
 
     rate = args.latency_rate
     if rate is None:
-        per_run = [report.rates(r) for r in m.raw.get("sink_w1", []) if not r.get("error")]
+        key = report.prefix(spec.shape) + "sink_w1"
+        per_run = [report.rates(r) for r in m.raw.get(key, []) if not r.get("error")]
         measured = summary([x.get("steady") or x.get("wall") for x in per_run])
         if measured:
             rate = measured["median"] / 2
@@ -495,6 +531,7 @@ async def latency(
                 invalid_share=spec.invalid_share,
                 seed=spec.seed + 100 + r,
                 base_ms=int(time.time() * 1000),
+                shape=spec.shape,
             )
             log(f"delay at {rate:,.0f} records/s for {args.latency_seconds:.0f}s (run {r + 1})")
             res = await run_latency(services, lat_spec, rate, args.latency_seconds, workdir)
@@ -524,7 +561,10 @@ async def profile(
     out = RESULTS / "profile.txt"
     out.unlink(missing_ok=True)
     log("profiling one worker under py-spy (100 Hz, on-CPU samples)")
-    res = await run_sink(services, loaded, "profile", 1, workdir, args.timeout * 2, out)
+    meters = MIXED_METERS if loaded.spec.shape == "mixed" else None
+    res = await run_sink(
+        services, loaded, "profile", 1, workdir, args.timeout * 2, out, meters=meters
+    )
     for _ in range(50):  # py-spy writes its file once the worker exited
         if out.exists():
             break

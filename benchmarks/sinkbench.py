@@ -89,7 +89,10 @@ def write_config(
         "worker": {"id": f"bench-{res.label}", "log_format": "json", "log_level": "INFO"},
     }
     for section, values in (overrides or {}).items():
-        data.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
     path = workdir / f"{res.label}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -169,15 +172,19 @@ async def run_sink(
     profile_out: Path | None = None,
     cluster: ClusterTarget | None = None,
     insert_quorum: int | None = None,
+    meters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """From process start until every partition's landed offset is its end offset - 1.
     With `cluster`, the worker lands into that ClickHouse cluster (its tables made ON CLUSTER,
-    each partition on one shard) with `insert_quorum` (None: the worker's default)."""
+    each partition on one shard) with `insert_quorum` (None: the worker's default). With
+    `meters`, the worker is configured with them (made at start, before the first fetch)."""
     spec = loaded.spec
     res = Resources(spec.run, label)
     await res.cleanup(services, cluster)
     port = free_port(workers)
     overrides: dict[str, Any] = {}
+    if meters:
+        overrides["meters"] = meters
     if cluster is not None:
         overrides["clickhouse"] = {"url": cluster.url(res.database), "cluster": cluster.name}
         if insert_quorum is not None:

@@ -1,7 +1,13 @@
-"""Realistic usage events: CloudEvents JSON of about 250 bytes, 1,000 subjects spread over a
-few customer namespaces (one topic each, several partitions, key = subject), with a share of
-duplicates (exact resends, mostly to the same partition, some to another one, arriving up to a
-few thousand records later so they often fall into another batch) and of invalid records.
+"""Realistic usage events: CloudEvents JSON, 1,000 subjects spread over a few customer
+namespaces (one topic each, several partitions, key = subject), with a share of duplicates
+(exact resends, mostly to the same partition, some to another one, arriving up to a few
+thousand records later so they often fall into another batch) and of invalid records.
+
+Two shapes (`Spec.shape`):
+- `flat`: about 250 bytes, `data` a flat object of four members.
+- `mixed`: 300-700 bytes, four event types of which three carry nested objects and arrays in
+  `data` (token usage, label maps, line items, tags), long subjects with non-ASCII letters,
+  read by the meters `MIXED_METERS` (nested property paths).
 
 Generation is deterministic for a `Spec`: the insert-only ceiling regenerates exactly the rows
 that were loaded, with the same Kafka coordinates, instead of reading them back."""
@@ -36,6 +42,29 @@ INVALID = (
 )
 
 
+SHAPES = ("flat", "mixed")
+
+MIXED_METERS: list[dict[str, Any]] = [
+    {"slug": "bench_tokens", "event_type": "llm.tokens", "aggregation": "SUM",
+     "value_property": "tokens", "group_by": {"model": "model"}},
+    {"slug": "bench_requests", "event_type": "api.request", "aggregation": "COUNT",
+     "group_by": {"route": "route", "status": "status"}},
+    {"slug": "bench_gpu_seconds", "event_type": "gpu.seconds", "aggregation": "SUM",
+     "value_property": "seconds"},
+    {"slug": "bench_stored_max", "event_type": "storage.bytes", "aggregation": "MAX",
+     "value_property": "bytes", "group_by": {"class": "class"}},
+]  # fmt: skip
+"""The meters a sink run of the mixed workload is configured with, one per event type. Their
+properties are top-level ones: ClickHouse 18.16 (the local stack's) reads no nested path (the
+SQL for nested paths on current servers runs in tests/unit/test_current_engine.py)."""
+
+MODELS = ("gpt-4.1-mini", "claude-sonnet-4", "llama-3.3-70b", "mistral-large")
+TEAMS = ("search", "growth", "платформа", "données", "研究", "billing")
+SKUS = ("img-hd", "img-sd", "tts-std", "stt-pro", "embed-3")
+GPUS = ("a100", "h100", "l4")
+NAMES = ("Müller", "Øster", "José", "Zoë", "Łukasz", "Ana-María", "Søren", "Nguyễn")
+
+
 @dataclass(frozen=True)
 class Spec:
     run: str
@@ -51,6 +80,8 @@ class Spec:
     seed: int = 1
     base_ms: int = 0
     """Event times are spread over the hour before this instant."""
+    shape: str = "flat"
+    """`flat` or `mixed` (see the module's docstring)."""
 
     @property
     def namespaces(self) -> tuple[str, ...]:
@@ -89,7 +120,14 @@ def generate(spec: Spec) -> Iterator[Record]:
     namespaces = spec.namespaces
     t = spec.topics
     n_subjects = spec.subjects
-    subjects = [f"customer-{i:04d}" for i in range(n_subjects)]
+    mixed = spec.shape == "mixed"
+    if mixed:  # long, and non-ASCII (the key and the subject are its UTF-8 bytes)
+        subjects = [
+            f"org-{i % 97:02d}/user-{i:05d}-{NAMES[i % len(NAMES)]}-{'x' * (i % 23)}"
+            for i in range(n_subjects)
+        ]
+    else:
+        subjects = [f"customer-{i:04d}" for i in range(n_subjects)]
     keys = [s.encode() for s in subjects]
     partition_of = [zlib.crc32(k) % spec.partitions for k in keys]
     sources = [
@@ -130,7 +168,9 @@ def generate(spec: Spec) -> Iterator[Record]:
                 "type": types[i],
                 "subject": subjects[i],
                 "time": f"{stamps[int(rand() * 3600)]}.{int(rand() * 1000):03d}Z",
-                "data": {
+                "data": mixed_data(types[i], rand)
+                if mixed
+                else {
                     "route": ROUTES[int(rand() * len(ROUTES))],
                     "status": 200 if rand() < 0.97 else 429,
                     "tokens": int(rand() * 20_000),
@@ -149,6 +189,59 @@ def generate(spec: Spec) -> Iterator[Record]:
             due = index + 1 + int(rand() * 5000)
             dup = Record(record.topic, partition, record.key, value, None, DUP)
             heapq.heappush(pending, (due, index, dup))
+
+
+def mixed_data(event_type: str, rand: Any) -> dict[str, Any]:
+    """`data` of a mixed-shape event of `event_type`. No string holds a quote, backslash, tab
+    or newline, and no member is named like a CloudEvents attribute (the Kafka engine peer
+    reads each message as one TSV field and finds the attributes by name, see peer.py)."""
+    trace = f"{int(rand() * 2**64):016x}{int(rand() * 2**64):016x}"
+    if event_type == "llm.tokens":
+        tokens_in, tokens_out = int(rand() * 8000), int(rand() * 2000)
+        return {
+            "model": MODELS[int(rand() * len(MODELS))],
+            "tokens": tokens_in + tokens_out,
+            "usage": {
+                "input_tokens": tokens_in,
+                "output_tokens": tokens_out,
+                "cache": {"read": int(rand() * 4000), "write": int(rand() * 500)},
+            },
+            "labels": {
+                "team": TEAMS[int(rand() * len(TEAMS))],
+                "env": "prod" if rand() < 0.9 else "staging",
+                "region": REGIONS[int(rand() * len(REGIONS))],
+            },
+            "trace": trace,
+            "stop": ["end_turn", "max_tokens"][int(rand() * 2)],
+        }
+    if event_type == "api.request":
+        return {
+            "route": ROUTES[int(rand() * len(ROUTES))],
+            "status": 200 if rand() < 0.97 else 429,
+            "ms": round(rand() * 2000, 3),
+            "client": {"sdk": "python", "version": f"1.{int(rand() * 40)}.0", "ip": "10.0.0.1"},
+            "items": [
+                {"sku": SKUS[int(rand() * len(SKUS))], "qty": 1 + int(rand() * 9)}
+                for _ in range(1 + int(rand() * 6))
+            ],
+            "trace": trace,
+        }
+    if event_type == "gpu.seconds":
+        return {
+            "seconds": round(rand() * 3600, 2),
+            "gpu": {"kind": GPUS[int(rand() * len(GPUS))], "count": 1 + int(rand() * 8)},
+            "job": {
+                "name": f"train-{int(rand() * 1000):03d}-épreuve",
+                "tags": ["batch", "eu" if rand() < 0.5 else "us", f"p{int(rand() * 9)}"],
+            },
+            "trace": trace,
+        }
+    return {  # storage.bytes: flat, with a long text member
+        "bytes": int(rand() * 2**40),
+        "bucket": f"bucket-{int(rand() * 100):03d}",
+        "class": "standard" if rand() < 0.8 else "archive",
+        "note": "snapshot " + trace * (1 + int(rand() * 4)),
+    }
 
 
 @dataclass
