@@ -16,7 +16,14 @@ with the machine's speed from hour to hour; steps timed back to back in one proc
 change of a few percent. Integer columns (written by the driver), the network and the event
 loop are not in it.
 
-A second variant, timed in the same rounds, builds each fetch's columns right after the fetch
+Two variants change the records: "binary mode" sends the same events in the binary content
+mode of the CloudEvents Kafka binding (attributes in `ce_` headers, `data` as the value,
+`content-type: application/json`), "nested data" gives each event's `data` an object and an
+array, one of them before the scalars (about 150 bytes more); the invalid records stay as
+they are. The lines under the table compare their decode step with the first variant's,
+round by round.
+
+Another variant, timed in the same rounds, builds each fetch's columns right after the fetch
 is decoded, while its rows are still in the CPU's caches, instead of when the batch is
 inserted. (It builds them for every valid row, before dedup drops any.) Compare the columns'
 share of each variant's total, the table's last row, rather than their microseconds: whole
@@ -30,14 +37,17 @@ import gc
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
+
+import orjson
 
 from benchmarks.workload import Spec, coordinates
 from sink.config import BatchConfig, EventsConfig
 from sink.operations.vitals import count_topics
 from sink.pipeline.batch import Batch
+from sink.pipeline.binary import binary_mode, decode_binary
 from sink.pipeline.decode import Event, decode
 from sink.pipeline.intake import FETCH_RECORDS
 from sink.stores import dedup
@@ -69,13 +79,17 @@ class Fetch(NamedTuple):
     records: list[Fetched]
 
 
-def fetches(events: int, seed: int) -> list[Fetch]:
+STRUCTURED, BINARY, NESTED = "structured", "binary", "nested"
+
+
+def fetches(events: int, seed: int, form: str = STRUCTURED, base_ms: int = 0) -> list[Fetch]:
     """The workload's records as the poll loop would get them: one partition at a time, at
-    most FETCH records each, the partitions taken in turn."""
-    spec = Spec(run="stages", events=events, seed=seed)
+    most FETCH records each, the partitions taken in turn; in the given form (FORMS). Event
+    times and record timestamps follow `base_ms` (default: now)."""
+    base_ms = base_ms or int(time.time() * 1000)
+    spec = Spec(run="stages", events=events, seed=seed, base_ms=base_ms)
     by_tp: dict[tuple[str, int], list[Fetched]] = {}
     namespace_of = dict(zip(spec.topic_names, spec.namespaces, strict=True))
-    base_ms = int(time.time() * 1000)
     for n, (record, topic, offset) in enumerate(coordinates(spec)):
         fetched = Fetched(offset, base_ms + n, record.key, record.value, ())
         by_tp.setdefault((topic, record.partition), []).append(fetched)
@@ -87,14 +101,70 @@ def fetches(events: int, seed: int) -> list[Fetch]:
             if start is None:
                 del queues[tp]
                 continue
-            # Copied in fetch order: a fetch's records lie together in memory, as aiokafka
-            # parses them from one response (not scattered in production order).
-            records = [
-                r._replace(value=bytes(bytearray(r.value)))
-                for r in by_tp[tp][start : start + FETCH]
-            ]
+            # Copied in fetch order: a fetch's records (values and headers) lie together in
+            # memory, as aiokafka parses them from one response (not scattered in production
+            # order).
+            records = [FORMS[form](r) for r in by_tp[tp][start : start + FETCH]]
             out.append(Fetch(tp[0], tp[1], namespace_of[tp[0]], records))
     return out
+
+
+ATTRIBUTES = ("specversion", "id", "source", "type", "subject", "time")
+
+
+def copied(record: Fetched) -> Fetched:
+    return record._replace(value=bytes(bytearray(record.value)))
+
+
+def _event(record: Fetched) -> dict[str, Any] | None:
+    """The record's event, if it is a structured CloudEvent whose attributes are strings."""
+    try:
+        document = orjson.loads(record.value)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(document, dict) and all(
+        isinstance(document.get(name), str) for name in ATTRIBUTES
+    ):
+        return document
+    return None
+
+
+def as_binary(record: Fetched) -> Fetched:
+    """A copy of the record in binary content mode (the workload's invalid records are
+    copied as they are)."""
+    document = _event(record)
+    if document is None:
+        return copied(record)
+    headers = tuple((f"ce_{name}", document[name].encode()) for name in ATTRIBUTES)
+    data = document.get("data")
+    value = orjson.dumps(data) if data is not None else b""
+    return record._replace(value=value, headers=(*headers, ("content-type", b"application/json")))
+
+
+def with_nested_data(record: Fetched) -> Fetched:
+    """A copy of the record whose `data` also holds objects and arrays, one of them before
+    the scalars (about 150 bytes more)."""
+    document = _event(record)
+    if document is None or not isinstance(document.get("data"), dict):
+        return copied(record)
+    flat = document["data"]
+    tokens, ms = flat.get("tokens", 0), flat.get("ms", 0)
+    document["data"] = {
+        "usage": {"input_tokens": tokens, "output_tokens": ms, "cache": {"read": 0, "write": 1}},
+        **flat,
+        "model": "gpt-4o-mini",
+        "tags": ["prod", "batch", flat.get("route", "")],
+    }
+    return record._replace(value=orjson.dumps(document))
+
+
+FORMS: dict[str, Callable[[Fetched], Fetched]] = {
+    STRUCTURED: copied,
+    BINARY: as_binary,
+    NESTED: with_nested_data,
+}
+"""The forms of the workload: its events as they are, in binary content mode, with nested
+`data`."""
 
 
 def block(items: Sequence[Any]) -> int:
@@ -140,15 +210,28 @@ class Round:
 
     @staticmethod
     def decode(fetch: Fetch, batch: Batch, max_bytes: int) -> list[Event]:
-        """What the poll loop does per fetched record (sink.pipeline.worker.Worker._add)."""
+        """What the poll loop does per fetched record (sink.pipeline.intake.Intake.add)."""
         topic, partition, namespace = fetch.topic, fetch.partition, fetch.namespace
         items, rows = batch.items, len(batch.items)
         add, event_type = items.append, Event
         for record in fetch.records:
-            offset, stamp = record.offset, record.timestamp
-            result = decode(
-                record.value, namespace, max_bytes, None, topic, partition, offset, stamp
-            )
+            offset, stamp, headers = record.offset, record.timestamp, record.headers
+            if headers and binary_mode(headers):
+                result = decode_binary(
+                    headers,
+                    record.value,
+                    namespace,
+                    max_bytes,
+                    None,
+                    topic,
+                    partition,
+                    offset,
+                    stamp,
+                )
+            else:
+                result = decode(
+                    record.value, namespace, max_bytes, None, topic, partition, offset, stamp
+                )
             if type(result) is event_type:
                 add(result)
         records = fetch.records
@@ -176,11 +259,27 @@ def bookkeeping(batch: Batch, landed: list[Any]) -> None:
 
 
 STEPS = ("decode", "group", "claim commands", "keep", "columns", "bookkeeping")
-VARIANTS = {"as the worker": False, "columns per fetch": True}
+
+
+class Variant(NamedTuple):
+    form: str
+    """The workload's form (FORMS)."""
+    early_columns: bool
+
+
+VARIANTS = {
+    "as the worker": Variant(STRUCTURED, early_columns=False),
+    "binary mode": Variant(BINARY, early_columns=False),
+    "nested data": Variant(NESTED, early_columns=False),
+    "columns per fetch": Variant(STRUCTURED, early_columns=True),
+}
 SHARE = "columns, % of total"
 
 
-def measure(work: Sequence[Fetch], rounds: int) -> list[tuple[str, dict[str, list[float]]]]:
+def measure(
+    works: Mapping[str, Sequence[Fetch]], rounds: int
+) -> list[tuple[str, dict[str, list[float]]]]:
+    """`works`: the workload in each form."""
     batch = BatchConfig()
     max_bytes = EventsConfig().max_event_bytes
     per_record: dict[str, dict[str, list[float]]] = {v: {} for v in VARIANTS}
@@ -189,11 +288,11 @@ def measure(work: Sequence[Fetch], rounds: int) -> list[tuple[str, dict[str, lis
     for n in range(rounds):
         # Alternate which variant goes first, so neither always runs on a warmer machine.
         order = list(VARIANTS.items())
-        for name, early in order if n % 2 == 0 else reversed(order):
-            one = Round(early)
+        for name, variant in order if n % 2 == 0 else reversed(order):
+            one = Round(variant.early_columns)
             gc.disable()  # the worker runs the cyclic collector on a clock
             try:
-                one.run(work, batch.max_rows, max_bytes)
+                one.run(works[variant.form], batch.max_rows, max_bytes)
             finally:
                 gc.enable()
                 gc.collect()
@@ -223,6 +322,22 @@ def table(results: Sequence[tuple[str, dict[str, list[float]]]]) -> str:
     return "\n".join(lines)
 
 
+def decode_ratio(results: Sequence[tuple[str, dict[str, list[float]]]], variant: str) -> str:
+    """A variant's decode step against the worker's (structured, flat `data`), round by round
+    (the same rounds)."""
+    by_name = dict(results)
+    ratios = [
+        mine / structured
+        for mine, structured in zip(
+            by_name[variant]["decode"], by_name["as the worker"]["decode"], strict=True
+        )
+    ]
+    return (
+        f"decode, {variant} / as the worker, per round: median {statistics.median(ratios):.2f}"
+        f" (min {min(ratios):.2f}, max {max(ratios):.2f})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200_000, help="records to generate")
@@ -231,12 +346,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.events <= 0 or args.rounds <= 0:
         parser.error("--events and --rounds must be positive")
-    work = fetches(args.events, args.seed)
-    records = sum(len(f.records) for f in work)
-    print(f"{records:,} records in {len(work):,} fetches; {args.rounds} rounds", file=sys.stderr)
-    results = measure(work, args.rounds)
+    now_ms = int(time.time() * 1000)
+    works = {form: fetches(args.events, args.seed, form, now_ms) for form in FORMS}
+    records = sum(len(f.records) for f in works[STRUCTURED])
+    print(
+        f"{records:,} records in {len(works[STRUCTURED]):,} fetches; {args.rounds} rounds",
+        file=sys.stderr,
+    )
+    results = measure(works, args.rounds)
     print(f"\nMicroseconds per record, {records:,} records, {args.rounds} rounds:\n")
     print(table(results))
+    print()
+    for variant in ("binary mode", "nested data"):
+        print(decode_ratio(results, variant))
 
 
 if __name__ == "__main__":

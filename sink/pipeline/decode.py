@@ -1,11 +1,13 @@
-"""Decode and validate one Kafka record value as a CloudEvents 1.0 JSON event.
+"""Decode and validate one Kafka record value as a CloudEvents 1.0 JSON event (the structured
+content mode of the CloudEvents Kafka binding; the binary mode is sink.pipeline.binary's).
 
 Every input gives either an `Event` or a `Rejection` (the dead-letter reason); decoding never
 raises. One parse per record in the usual case: a typed msgspec decoder reads the common shape
-(the CloudEvents fields as strings, a flat `data` object) straight into a struct; anything else,
-valid or not, is read again by the general path (orjson), which alone decides rejections. The
-typed path accepts only documents that the general path accepts, with the same result (a
-property test holds the two together).
+(the CloudEvents fields as strings, a flat `data` object) straight into a struct, and a second
+one the same shape with objects and arrays in `data`; anything else, valid or not, is read
+again by the general path (orjson), which alone decides rejections. The typed path accepts
+only documents that the general path accepts, with the same result (property tests hold the
+two together).
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ WRONG_TYPE = "wrong_type"
 FIELD_TOO_LONG = "field_too_long"
 BAD_TIME = "bad_time"
 BAD_DATA = "bad_data"
+BAD_HEADER = "bad_header"
 REJECTED_BY_CLICKHOUSE = "rejected_by_clickhouse"
 REASONS = (
     TOO_LARGE,
@@ -82,6 +85,7 @@ REASONS = (
     FIELD_TOO_LONG,
     BAD_TIME,
     BAD_DATA,
+    BAD_HEADER,
     REJECTED_BY_CLICKHOUSE,
 )
 
@@ -94,6 +98,8 @@ _Key = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_FIELD_CHARS)]
 # orjson reads integers beyond 64 bits as floats, and the general path rejects them (msgspec
 # bounds stop at int64: the rare unsigned ones beyond it go the general way too).
 _Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+FlatData = dict[str, str | _Int64 | float | bool | None]
+"""The usual `data`, as the typed path reads it first."""
 
 
 class _Common(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -107,14 +113,27 @@ class _Common(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     type: _Key
     subject: _Key
     time: Annotated[str, msgspec.Meta(min_length=1)]
-    data: dict[str, str | _Int64 | float | bool | None] | None = None
+    data: FlatData | None = None
     datacontenttype: str | None = None
     dataschema: str | None = None
 
 
+class _Nested(_Common, forbid_unknown_fields=True, gc=False):
+    """The usual event with objects or arrays in `data`, read whole into the values orjson
+    reads, except integers beyond 64 bits: msgspec keeps them exact where orjson makes floats
+    (which the general path refuses). orjson cannot write such integers back, nor nesting
+    deeper than it writes: an event holding either goes to the general path, which decides."""
+
+    data: dict[str, Any] | None = None
+
+
 _read_common = msgspec.json.Decoder(_Common).decode
+_read_nested = msgspec.json.Decoder(_Nested).decode
+_BRACKETS = 1000
 _new_tuple = tuple.__new__
-_NOT_COMMON = (msgspec.DecodeError, UnicodeDecodeError)
+NOT_TYPED = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+"""What a typed decoder raises for a document it leaves to the general path (msgspec reads
+nesting by recursion, and stops deep nesting with RecursionError)."""
 
 
 def decode(
@@ -132,21 +151,31 @@ def decode(
         return Rejection(EMPTY, "record has no value")
     if len(value) > max_bytes:
         return Rejection(TOO_LARGE, f"record is {len(value)} bytes, limit is {max_bytes}")
+    flat = True
     try:
-        doc = _read_common(value)
-    except _NOT_COMMON:
-        result = _decode_general(value, namespace, check)
-        if type(result) is Event:
-            return result._replace(
-                topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp_ms
-            )
-        return result
+        doc: _Common = _read_common(value)
+    except NOT_TYPED:
+        # Not the usual flat `data`: nested data, or anything else for the general path.
+        if not shallow(value):
+            return _general(value, namespace, check, topic, partition, offset, timestamp_ms)
+        try:
+            doc = _read_nested(value)
+        except NOT_TYPED:
+            return _general(value, namespace, check, topic, partition, offset, timestamp_ms)
+        flat = False
     time_ms = parse_time(doc.time)
     if isinstance(time_ms, Rejection):
         return time_ms
-    data = doc.data
+    data: dict[str, Any] | None = doc.data
     if data is None:
         data = {}
+    if flat:
+        data_text = orjson.dumps(data).decode()
+    else:
+        try:
+            data_text = typed_data(data)
+        except orjson.JSONEncodeError:
+            return _general(value, namespace, check, topic, partition, offset, timestamp_ms)
     type_ = doc.type
     # Event(...) without the namedtuple's Python-level __new__ (the hot path).
     return _new_tuple(
@@ -158,7 +187,7 @@ def decode(
             intern(doc.source),
             intern(doc.subject),
             time_ms,
-            orjson.dumps(data).decode(),
+            data_text,
             check(type_, data) if check is not None else "",
             topic,
             partition,
@@ -166,6 +195,30 @@ def decode(
             timestamp_ms,
         ),
     )
+
+
+def shallow(value: bytes) -> bool:
+    """Whether a document cannot nest deeper than orjson reads (1024 levels). msgspec reads
+    deeper, and a value too deep for orjson that a repeated key then replaces would pass."""
+    return len(value) <= _BRACKETS or value.count(b"[") + value.count(b"{") <= _BRACKETS
+
+
+def _general(
+    value: bytes,
+    namespace: str,
+    check: MeterCheck | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    timestamp_ms: int,
+) -> Event | Rejection:
+    """`_decode_general`, the event with the record's coordinates."""
+    result = _decode_general(value, namespace, check)
+    if type(result) is Event:
+        return result._replace(
+            topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp_ms
+        )
+    return result
 
 
 def _decode_general(value: bytes, namespace: str, check: MeterCheck | None) -> Event | Rejection:
@@ -232,16 +285,9 @@ def validate(
     data = doc.get("data")
     if data is None:
         data = {}
-    if isinstance(data, dict):
-        ordered, suspicious = _inspect(data)
-        if suspicious and raw is not None and _holds_wide_int(raw):
-            return Rejection(BAD_DATA, "an integer is outside the 64-bit range")
-        try:
-            data_text = orjson.dumps(ordered).decode()
-        except orjson.JSONEncodeError:
-            return Rejection(BAD_DATA, "'data' is nested too deeply")
-    else:
-        return Rejection(BAD_DATA, f"'data' must be a JSON object, got {type(data).__name__}")
+    data_text = checked_data(data, raw)
+    if isinstance(data_text, Rejection):
+        return data_text
     problems = check(type_, data) if check is not None else ""
     # Types, sources and subjects repeat across events: one string each keeps batches small.
     return Event(
@@ -254,6 +300,19 @@ def validate(
         data_text,
         problems,
     )
+
+
+def checked_data(data: Any, raw: bytes | None) -> str | Rejection:
+    """`data` (parsed from `raw`) as the stored JSON text, if it is an object that can be."""
+    if not isinstance(data, dict):
+        return Rejection(BAD_DATA, f"'data' must be a JSON object, got {type(data).__name__}")
+    ordered, suspicious = _inspect(data)
+    if suspicious and raw is not None and _holds_wide_int(raw):
+        return Rejection(BAD_DATA, "an integer is outside the 64-bit range")
+    try:
+        return orjson.dumps(ordered).decode()
+    except orjson.JSONEncodeError:
+        return Rejection(BAD_DATA, "'data' is nested too deeply")
 
 
 def _field_problem(doc: dict[str, Any]) -> Rejection:
@@ -271,6 +330,39 @@ def _field_problem(doc: dict[str, Any]) -> Rejection:
 
 _CONTAINERS = (dict, list)
 _WIDE = 2.0**63
+
+
+def typed_data(data: dict[str, Any]) -> str:
+    """`data` read by the typed path as the stored JSON text, top-level scalars first (see
+    `_inspect`); JSONEncodeError for what orjson cannot write."""
+    text = orjson.dumps(data).decode()
+    # Text without a bracket after the first is flat data (cheaper to find than to look).
+    if text.find("{", 1) < 0 and text.find("[") < 0:
+        return text
+    ordered = _scalars_first(data)
+    return text if ordered is data else orjson.dumps(ordered).decode()
+
+
+def _scalars_first(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` with its top-level scalars before its objects and arrays (the same object if
+    they are already); its values are exactly dicts, lists and scalars."""
+    container = False
+    for v in data.values():
+        if type(v) is dict or type(v) is list:
+            container = True
+        elif container:
+            break
+    else:
+        return data
+    scalars: dict[str, Any] = {}
+    containers: dict[str, Any] = {}
+    for k, v in data.items():
+        if type(v) is dict or type(v) is list:
+            containers[k] = v
+        else:
+            scalars[k] = v
+    scalars.update(containers)
+    return scalars
 
 
 def _inspect(data: dict[str, Any]) -> tuple[dict[str, Any], bool]:

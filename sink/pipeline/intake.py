@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 from sink.coordinates import Coordinates, TopicPartition
 from sink.errors import DependencyError
 from sink.metering.meters import MeterIndex
+from sink.pipeline import binary
 from sink.pipeline import decode as decoding
 from sink.pipeline.batch import Batch, Reject, Triggers, due
 from sink.pipeline.consumer import Namespaces, full_record
@@ -152,6 +153,7 @@ class Intake:
         by_header = self.config.events.namespace_header is not None
         items, rejects = batch.items, batch.rejects
         add, decode, event_type = items.append, decoding.decode, decoding.Event
+        binary_mode, decode_binary = binary.binary_mode, binary.decode_binary
         nbytes = 0
         for record in records:
             value = record.value
@@ -159,8 +161,14 @@ class Intake:
             if by_header:
                 namespace = self.namespaces.of_record(topic, record.headers)
             # The decoder makes the batch's row (an Item): the event with its coordinates.
-            offset, stamp = record.offset, record.timestamp
-            result = decode(value, namespace, max_bytes, check, topic, partition, offset, stamp)
+            # Structured mode unless the record's headers say binary (most records have none).
+            offset, stamp, headers = record.offset, record.timestamp, record.headers
+            if headers and binary_mode(headers):
+                result = decode_binary(
+                    headers, value, namespace, max_bytes, check, topic, partition, offset, stamp
+                )
+            else:
+                result = decode(value, namespace, max_bytes, check, topic, partition, offset, stamp)
             if type(result) is event_type:
                 add(result)
             else:

@@ -11,6 +11,8 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from sink.pipeline import binary
+from sink.pipeline import decode as decoding
 from sink.pipeline.consumer import adapt_fetcher, as_parsed, full_record
 
 TP = TopicPartition("usage", 3)
@@ -101,3 +103,34 @@ def test_importing_the_consumer_module_changes_nothing_in_aiokafka() -> None:
         "assert c.adapt_fetcher() and f.PartitionRecords is not stock"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_binary_mode_record_as_parsed_decodes_like_its_structured_twin() -> None:
+    assert adapt_fetcher()
+    attributes = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"e-1"),
+        ("ce_source", b"//gw"),
+        ("ce_type", b"api.request"),
+        ("ce_subject", b"c-1"),
+        ("ce_time", b"2024-05-01T12:00:00Z"),
+    ]
+    structured = b'{"specversion":"1.0","id":"e-1","source":"//gw","type":"api.request",'
+    structured += b'"subject":"c-1","time":"2024-05-01T12:00:00Z","data":{"n":3}}'
+    builder = _builder()
+    builder.append(0, timestamp=9, key=b"c-1", value=b'{"n":3}', headers=attributes)
+    builder.append(1, timestamp=9, key=b"c-1", value=structured, headers=[])
+    builder.append(2, timestamp=9, key=b"c-1", value=b"{}", headers=[*attributes[:5]])
+    records = MemoryRecords(bytes(builder.build()))
+    partition = fetcher.PartitionRecords(TP, records, [], 0, None, as_parsed, True, 0)
+    headed, plain, no_time = list(partition)
+
+    assert headed.headers and binary.binary_mode(headed.headers)
+    event = binary.decode_binary(headed.headers, headed.value, "ns", 1 << 20)
+    assert event == decoding.decode(plain.value, "ns", 1 << 20)
+    assert not plain.headers
+    assert binary.decode_binary(no_time.headers, no_time.value, "ns", 1 << 20) == (
+        decoding.Rejection(decoding.MISSING_FIELD, "header 'ce_time' is missing or empty")
+    )
+    # A dead letter keeps the headers it came with.
+    assert full_record("usage", 3, no_time).headers == tuple(attributes[:5])

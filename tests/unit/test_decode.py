@@ -118,6 +118,45 @@ def test_nested_data_is_reserialised_as_compact_json_equal_to_the_input() -> Non
 
 
 @pytest.mark.parametrize(
+    "data",
+    [
+        {"usage": {"in": 1, "out": [2, 3]}, "n": 1, "tags": ["a"], "model": "m"},
+        {"n": 1, "deep": {"a": {"b": {"c": [None, True, 1.5, "x"]}}}},
+        {"u64": [2**64 - 1], "i64": {"min": -(2**63)}, "flag": False},
+    ],
+)
+def test_nested_data_is_read_by_the_typed_path(
+    data: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nested `data` costs one typed read, not the general path's parse and checks."""
+    general = d._decode_general
+    monkeypatch.setattr(d, "_decode_general", None)
+    event = decode(encode(doc(data=data)), NS, LIMIT)
+    monkeypatch.setattr(d, "_decode_general", general)
+    assert event == d._decode_general(encode(doc(data=data)), NS, None)
+    assert isinstance(event, Event)
+    assert event.data == json.dumps(flat_first(data), separators=(",", ":"))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        '{"a": [18446744073709551616]}',
+        '{"n": 1, "a": {"b": -9223372036854775809}}',
+        '{"a": ' * 300 + "1" + "}" * 300,
+        '{"a": ' + "[" * 1100 + "]" * 1100 + ', "a": 1}',
+        '{"a": [1e400]}',
+    ],
+    ids=["65-bit", "below int64", "deeper than orjson writes", "deeper than orjson reads", "inf"],
+)
+def test_nested_data_the_general_path_refuses_is_refused(data: str) -> None:
+    raw = json.dumps(doc(data="@")).replace('"@"', data).encode()
+    result = decode(raw, NS, LIMIT)
+    assert isinstance(result, Rejection)
+    assert result == d._decode_general(raw, NS, None)
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         ("2024-03-10T12:34:56Z", utc_ms(2024, 3, 10, 12, 34, 56)),

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sink.pipeline import binary
 from sink.pipeline import decode as d
 from sink.pipeline.decode import Event, Rejection, decode
 from tests.items import flat_first
@@ -250,6 +251,20 @@ SNIPPETS = [
     "1.0",
     "-0",
     "1E+2",
+    # Nested data, read whole by the typed path: numbers orjson reads or writes otherwise,
+    # nesting beyond what orjson writes (254) or reads (1024), or what msgspec reads.
+    '{"a": [18446744073709551616]}',
+    '{"a": {"b": -9223372036854775809}}',
+    '[{"a": 18446744073709551615}, -9223372036854775808]',
+    '{"a": [1e19, 1.0e19, 10000000000000000000]}',
+    '{"a": [9223372036854775808.0, -9223372036854775808.5]}',
+    '{"a": [1e-400, 4.9e-324, 2.2250738585072011e-308]}',
+    '{"a": [{"b": "\\u0000\\ud83d\\ude00"}]}',
+    "[" * 20 + "1" + "]" * 20,
+    '{"a": ' * 254 + "1" + "}" * 254,
+    '{"a": ' * 255 + "1" + "}" * 255,
+    "[" * 1100 + "]" * 1100,
+    '{"a": ' * 3000 + "1" + "}" * 3000,
 ]
 snippets = st.sampled_from(SNIPPETS)
 raw_members = st.lists(
@@ -311,7 +326,7 @@ BASE = (
 )
 
 
-@pytest.mark.parametrize("snippet", SNIPPETS)
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=[snippet[:32] for snippet in SNIPPETS])
 @pytest.mark.parametrize(
     "member", ["ext", "data", "data.a", "id", "time", "specversion", "datacontenttype"]
 )
@@ -322,3 +337,108 @@ def test_fast_path_agrees_on_every_edge_value_in_every_member(member: str, snipp
         text = BASE[:-1] + f', "{member}": {snippet}}}'
     value = text.encode()
     assert decode(value, NS, LIMIT, meters) == general(value, meters)
+
+
+# Binary content mode: an event whose attributes are headers and whose value is `data` must
+# decode to what the same event decodes to in structured mode.
+json_content_types = st.sampled_from(
+    [None, b"application/json", b"application/json; charset=utf-8", b"application/x+json"]
+)
+extension_headers = st.lists(
+    st.tuples(st.sampled_from(["ce_traceparent", "ce_x", "traceparent", "key"]), st.binary()),
+    max_size=3,
+    unique_by=lambda header: header[0],
+)
+
+
+@PROPERTY
+@given(
+    id_=identifiers,
+    source=identifiers,
+    type_=identifiers,
+    subject=identifiers,
+    moment=moments,
+    data=st.none() | data_objects,
+    content_type=json_content_types,
+    extensions=extension_headers,
+    ascii_only=st.booleans(),
+)
+def test_a_binary_event_decodes_as_its_structured_twin(
+    id_: str,
+    source: str,
+    type_: str,
+    subject: str,
+    moment: datetime,
+    data: dict[str, Any] | None,
+    content_type: bytes | None,
+    extensions: list[tuple[str, bytes]],
+    ascii_only: bool,
+) -> None:
+    attributes = {
+        "specversion": "1.0",
+        "id": id_,
+        "source": source,
+        "type": type_,
+        "subject": subject,
+        "time": moment.isoformat(),
+    }
+    headers = [(f"ce_{name}", text.encode()) for name, text in attributes.items()]
+    headers += [("content-type", content_type)] if content_type is not None else []
+    headers += [(name, value) for name, value in extensions if not name.startswith("ce_")]
+    value = b"" if data is None else json.dumps(data, ensure_ascii=ascii_only).encode()
+    structured = json.dumps(attributes | ({} if data is None else {"data": data})).encode()
+    coordinates = ("om_ns_events", 1, 7, 99)
+    event = binary.decode_binary(headers, value, NS, 10 * LIMIT, meters, *coordinates)
+    assert isinstance(event, Event), event
+    assert event == decode(structured, NS, 10 * LIMIT, meters, *coordinates)
+
+
+header_names = st.sampled_from(
+    [f"ce_{name}" for name in ("specversion", *d.REQUIRED_FIELDS, "x")]
+    + ["content-type", "Content-Type", "x"]
+) | st.text(max_size=6)
+header_values = (
+    st.none()
+    | st.binary(max_size=12)
+    | st.sampled_from(["1.0", "", "2024-01-01T00:00:00Z", "application/json", "text/plain"]).map(
+        str.encode
+    )
+    | st.text(max_size=12).map(lambda s: s.encode("utf-8", "surrogatepass"))
+)
+
+
+@PROPERTY
+@given(
+    headers=st.lists(st.tuples(header_names, header_values), max_size=10),
+    value=st.none() | st.binary(max_size=40) | json_values.map(lambda v: json.dumps(v).encode()),
+    limit=st.integers(min_value=1, max_value=400),
+)
+def test_arbitrary_headers_never_raise(
+    headers: list[tuple[str, bytes | None]], value: bytes | None, limit: int
+) -> None:
+    headers = [("ce_specversion", b"1.0"), *headers]
+    result = binary.decode_binary(headers, value, NS, limit)
+    assert_decoded(result)
+    if isinstance(result, Event):
+        assert json.loads(result.data) == json.loads(value or b"null") or result.data == "{}"
+
+
+@settings(PROPERTY, max_examples=1000)
+@given(
+    data=near_data | json_values,
+    raw=st.lists(st.tuples(st.sampled_from(["a", "b"]), snippets), max_size=2),
+    damage=st.none() | st.tuples(st.integers(min_value=0), st.binary(min_size=0, max_size=2)),
+)
+def test_binary_data_fast_path_agrees_with_the_general_path(
+    data: Any, raw: list[tuple[str, str]], damage: tuple[int, bytes] | None
+) -> None:
+    text = json.dumps(data)
+    if text.startswith("{"):
+        for member, snippet in raw:
+            text = text[:-1] + (", " if text != "{}" else "") + f'"{member}": {snippet}}}'
+    value = text.encode("utf-8", "surrogatepass")
+    if damage is not None:
+        at = damage[0] % (len(value) + 1)
+        value = value[:at] + damage[1] + value[at + len(damage[1]) :]
+    if value:
+        assert binary._binary_data(value, None) == binary._binary_data_general(value)
