@@ -217,17 +217,27 @@ def markdown(doc: dict[str, Any]) -> str:
                 )  # fmt: skip
             lines.append(f"| {title(sink)} | " + " | ".join(cells) + " |")
         lines.append("")
-    peers = [r for r in doc["raw"].get("peer", []) if not r.get("error")]
-    if peers:
+    loads = meta.get("loads") or {"flat": load}
+    for shape in SHAPES:
+        peers = [r for r in doc["raw"].get(prefix(shape) + "peer", []) if not r.get("error")]
+        if not peers or shape not in loads:
+            continue
         p = peers[-1]
+        lost = [r["lost"] for r in peers if r.get("lost")]
         lines += [
-            f"The peer wrote {p.get('rows', 0):,} rows for {p.get('records', 0):,} records "
-            f"({p.get('flagged_invalid', 0):,} flagged invalid; {load['duplicates']:,} "
-            "duplicates kept: no de-duplication)."
+            f"The peer on the {shape} workload wrote {p.get('rows', 0):,} rows for "
+            f"{p.get('records', 0):,} records ({p.get('flagged_invalid', 0):,} flagged invalid; "
+            f"{loads[shape]['duplicates']:,} duplicates kept: no de-duplication)."
             + (
                 " Its rows became visible all at once (the first poll that saw any saw them "
                 "all), so only its wall time means something."
                 if all(not r.get("steady_records") for r in peers)
+                else ""
+            )
+            + (
+                f" It lost records in {len(lost)} of {len(peers)} run(s) "
+                f"({', '.join(map(str, lost))} never arrived; timed until the last row arrived)."
+                if lost
                 else ""
             ),
             "",
