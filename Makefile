@@ -18,9 +18,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-# The services, and the ClickHouse cluster (2 shards x 2 replicas) the cluster tests use.
+# The services, the ClickHouse cluster (2 shards x 2 replicas) the cluster tests use, and the
+# Redis Sentinel and Redis Cluster topologies of the dedup store's tests.
 stack-up:
-	$(STACK) up --cluster
+	$(STACK) up --cluster --redis-sentinel --redis-cluster
 
 stack-down:
 	$(STACK) down
@@ -29,8 +30,9 @@ stack-status:
 	$(STACK) status
 
 # Unit tests, then integration tests against the real Kafka, Redis and ClickHouse (one server,
-# and the cluster: CLUSTER_ENV adds its name and nodes, CLICKHOUSE_URL stays the one server).
-CLUSTER_ENV = $(STACK) env --cluster | grep -E '^export (CLICKHOUSE_CLUSTER|CLICKHOUSE_NODES|ZOOKEEPER_HOSTS)='
+# and the cluster: CLUSTER_ENV adds its name and nodes, CLICKHOUSE_URL stays the one server;
+# and the Redis Sentinel and Redis Cluster addresses, REDIS_URL stays the one Redis).
+CLUSTER_ENV = $(STACK) env --cluster --redis-sentinel --redis-cluster | grep -E '^export (CLICKHOUSE_CLUSTER|CLICKHOUSE_NODES|ZOOKEEPER_HOSTS|REDIS_SENTINELS|REDIS_SENTINEL_MASTER|REDIS_SENTINEL_NODES|REDIS_CLUSTER_NODES)='
 test: venv stack-up
 	bash scripts/toxiproxy.sh up
 	eval "$$($(STACK) env)" && eval "$$($(CLUSTER_ENV))" && $(PY) -m pytest $(PYTEST_ARGS)

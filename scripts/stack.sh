@@ -3,17 +3,20 @@
 # Redis (Debian's redis-server) and ClickHouse (Debian's clickhouse-server 18.16); on request
 # also a ClickHouse cluster (2 shards x 2 replicas) with its ZooKeeper (Debian's zookeeper).
 #
-#   scripts/stack.sh up     [--cluster] [service ...]      install what is missing, start, wait until answering
+#   scripts/stack.sh up     [--cluster] [--redis-sentinel] [--redis-cluster] [service ...]
+#                                                          install what is missing, start, wait until answering
 #   scripts/stack.sh down   [--purge] [service ...]        stop what this stack started (--purge: drop data too)
 #   scripts/stack.sh status [--cluster] [service ...]      one line per service; exit 0 only if all answer
-#   scripts/stack.sh env    [--cluster]                    export lines: eval "$(scripts/stack.sh env)"
+#   scripts/stack.sh env    [--cluster] [--redis-sentinel] [--redis-cluster]
+#                                                          export lines: eval "$(scripts/stack.sh env)"
 #   scripts/stack.sh kill   <service ...>                  SIGKILL (crash tests); `up <service>` restarts it
 #   scripts/stack.sh pid    <service ...>                  the pid of each (e.g. to freeze it with SIGSTOP)
 #
 # Services: kafka, redis, clickhouse (the single server); the cluster's zookeeper and nodes
 # clickhouse-1-1, clickhouse-1-2, clickhouse-2-1, clickhouse-2-2 (clickhouse-<shard>-<replica>);
 # "cluster" names those five, "all" the first three. Without a service argument a command acts
-# on the first three, with --cluster on all eight; a plain `down` stops the cluster too.
+# on the first three, with --cluster on all eight; a plain `down` stops the cluster too, and
+# the Redis topologies (below) if they were started.
 # So `up --cluster` starts everything, `up cluster` only the cluster. `up` of cluster services
 # waits until each answers and then, if ZooKeeper and all four nodes run, until ON CLUSTER DDL
 # (a database created and dropped ON CLUSTER sink_cluster) succeeds on every node.
@@ -23,6 +26,11 @@
 # (`down --purge cluster`): ZooKeeper holds the nodes' replication metadata.
 # `env --cluster` points CLICKHOUSE_URL at clickhouse-1-1 and adds CLICKHOUSE_CLUSTER,
 # CLICKHOUSE_NODES (host:port of every node, shard-major) and ZOOKEEPER_HOSTS.
+# Redis topologies for the dedup store (scripts/stack-redis.sh), each with its flag (`up`/`env`)
+# and group name: --redis-sentinel / redis-sentinel (redis-ha-1..3, one master and two
+# replicas, and redis-sentinel-1..3), --redis-cluster / redis-cluster (redis-cluster-1..6,
+# three masters with a replica each). `env --redis-sentinel` adds REDIS_SENTINELS,
+# REDIS_SENTINEL_MASTER and REDIS_SENTINEL_NODES; `env --redis-cluster` REDIS_CLUSTER_NODES.
 #
 # Everything (data, logs, pid files, Kafka jars) lives in ${SINK_STACK_DIR:-<repo>/.stack}, the
 # cluster in its cluster/ subdir. Ports and knobs (environment):
@@ -32,6 +40,8 @@
 #   SINK_CLUSTER_TCP_PORT_BASE+k (19100: native 19101..19104),
 #   SINK_CLUSTER_HTTP_PORT_BASE+k (18200: http 18201..18204),
 #   SINK_CLUSTER_INTERSERVER_PORT_BASE+k (19200: replication 19201..19204)
+#   SINK_REDIS_HA_PORT_BASE+k (17200: redis-ha-k), SINK_REDIS_SENTINEL_PORT_BASE+k (17300:
+#   redis-sentinel-k), SINK_REDIS_CLUSTER_PORT_BASE+k (17100: redis-cluster-k, bus port +10000)
 #   SINK_STACK_TIMEOUT (120: seconds each service gets to answer)
 #   SINK_KAFKA_HEAP_OPTS ("-Xmx512m -Xms256m")  SINK_ZOOKEEPER_HEAP_OPTS ("-Xmx128m -Xms16m")
 # `up` prints the env lines on stdout followed by a summary as '#' comments, so
@@ -89,6 +99,19 @@ CH_STDOUT="$CH_DIR/logs/stdout.log"
 # The replicated+sharded ClickHouse cluster and its ZooKeeper (cluster_* hooks, CLUSTER_* names).
 # shellcheck source=scripts/stack-cluster.sh
 source "$SCRIPT_DIR/stack-cluster.sh"
+# The Redis Sentinel and Redis Cluster topologies (redis_topo_* hooks, REDIS_* names).
+# shellcheck source=scripts/stack-redis.sh
+source "$SCRIPT_DIR/stack-redis.sh"
+
+# A service of an optional topology: the ClickHouse cluster's or a Redis topology's.
+optional_service() { cluster_service_ok "$1" || redis_topo_service_ok "$1"; }
+
+# Hook $1 of the optional topology that service $2 belongs to, with the remaining arguments.
+hook() {
+    local name="$1"
+    shift
+    if redis_topo_service_ok "$1"; then "redis_topo_$name" "$@"; else "cluster_$name" "$@"; fi
+}
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
@@ -162,7 +185,7 @@ redis_server_bin() {
 service_ok() {
     case "$1" in
         kafka | redis | clickhouse) return 0 ;;
-        *) cluster_service_ok "$1" ;;
+        *) optional_service "$1" ;;
     esac
 }
 
@@ -171,7 +194,7 @@ pid_file_of() {
         kafka) echo "$KAFKA_PID" ;;
         redis) echo "$REDIS_PID" ;;
         clickhouse) echo "$CH_PID" ;;
-        *) cluster_pid_file_of "$1" ;;
+        *) hook pid_file_of "$1" ;;
     esac
 }
 
@@ -180,7 +203,7 @@ port_of() {
         kafka) echo "$KAFKA_PORT" ;;
         redis) echo "$REDIS_PORT" ;;
         clickhouse) echo "$CH_TCP_PORT" ;;
-        *) cluster_port_of "$1" ;;
+        *) hook port_of "$1" ;;
     esac
 }
 
@@ -189,7 +212,7 @@ main_log_of() {
         kafka) echo "$KAFKA_LOG" ;;
         redis) echo "$REDIS_LOG" ;;
         clickhouse) echo "$CH_LOG" ;;
-        *) cluster_main_log_of "$1" ;;
+        *) hook main_log_of "$1" ;;
     esac
 }
 
@@ -216,7 +239,7 @@ service_pid() {
             esac
             ;;
         clickhouse) [[ "$cmdline" == *"$CH_CONF"* ]] || return 1 ;;
-        *) cluster_owns "$svc" "$cmdline" || return 1 ;;
+        *) hook owns "$svc" "$cmdline" || return 1 ;;
     esac
     echo "$pid"
 }
@@ -306,7 +329,7 @@ ensure_packages() {
                     pkgs+=(maven)
                 fi
                 ;;
-            *) cluster_packages "$svc" ;;
+            *) hook packages "$svc" ;;
         esac
     done
     if [[ ${#pkgs[@]} -gt 0 ]]; then
@@ -506,7 +529,7 @@ start_service() {
     ports=("$(port_of "$svc")")
     [[ "$svc" == kafka ]] && ports+=("$KAFKA_CONTROLLER_PORT")
     [[ "$svc" == clickhouse ]] && ports+=("$CH_HTTP_PORT")
-    cluster_service_ok "$svc" && mapfile -t ports < <(cluster_ports_of "$svc")
+    optional_service "$svc" && mapfile -t ports < <(hook ports_of "$svc")
     for port in "${ports[@]}"; do
         # A process of ours that was just killed may still be releasing its sockets: give it 10 s.
         for ((i = 0; i < 20; i++)); do
@@ -518,8 +541,8 @@ start_service() {
                 "$(ss -Hltnp "sport = :$port" 2>/dev/null | head -n1 || true)"
         fi
     done
-    if cluster_service_ok "$svc"; then
-        cluster_start "$svc"
+    if optional_service "$svc"; then
+        hook start "$svc"
     else
         "${svc}_start"
     fi
@@ -543,7 +566,7 @@ fail_service() {
             [[ -s "$CH_ERRLOG" ]] && show_log "$CH_ERRLOG" 15
             [[ -s "$CH_STDOUT" ]] && show_log "$CH_STDOUT" 15
             ;;
-        *) cluster_fail_logs "$svc" ;;
+        *) hook fail_logs "$svc" ;;
     esac
     printf '[stack] %s log: %s\n' "$svc" "$(main_log_of "$svc")" >&2
     return 1
@@ -563,7 +586,7 @@ wait_service() {
         case "$svc" in
             redis) redis_answers && break ;;
             clickhouse) clickhouse_answers && break ;;
-            zookeeper | clickhouse-*) cluster_answers "$svc" && break ;;
+            zookeeper | clickhouse-* | redis-*) hook answers "$svc" && break ;;
             kafka)
                 # The probe retries by itself until its deadline, so it is started right away:
                 # its JVM start overlaps the broker's (the broker opens its port last).
@@ -595,7 +618,7 @@ describe_endpoint() {
         kafka) echo "127.0.0.1:$KAFKA_PORT (controller :$KAFKA_CONTROLLER_PORT), log $KAFKA_LOG" ;;
         redis) echo "127.0.0.1:$REDIS_PORT, log $REDIS_LOG" ;;
         clickhouse) echo "127.0.0.1:$CH_TCP_PORT native / :$CH_HTTP_PORT http, log $CH_LOG" ;;
-        *) cluster_describe "$1" ;;
+        *) hook describe "$1" ;;
     esac
 }
 
@@ -647,7 +670,7 @@ purge_service() {
             log "clickhouse: removing data and logs"
             rm -rf "$CH_DIR"
             ;;
-        *) cluster_purge "$1" ;;
+        *) hook purge "$1" ;;
     esac
 }
 
@@ -660,7 +683,7 @@ status_service() {
             redis) redis_answers && answers=yes ;;
             clickhouse) clickhouse_answers && answers=yes ;;
             kafka) port_open "$KAFKA_PORT" && kafka_probe 20 >/dev/null 2>&1 && answers=yes ;;
-            *) cluster_answers "$svc" && answers=yes ;;
+            *) hook answers "$svc" && answers=yes ;;
         esac
     else
         state="stopped"
@@ -681,6 +704,8 @@ print_env() {
     else
         echo "export CLICKHOUSE_URL=clickhouse://default:@127.0.0.1:$CH_TCP_PORT/default"
     fi
+    [[ "$WITH_REDIS_SENTINEL" == 0 ]] || redis_topo_print_env sentinel
+    [[ "$WITH_REDIS_CLUSTER" == 0 ]] || redis_topo_print_env cluster
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -688,6 +713,8 @@ print_env() {
 
 SUMMARY_LINES=()
 WITH_CLUSTER=0
+WITH_REDIS_SENTINEL=0
+WITH_REDIS_CLUSTER=0
 
 cmd_up() {
     local svc failed=0 t0
@@ -699,6 +726,7 @@ cmd_up() {
         [[ " $* " == *" $svc "* ]] && start_service "$svc"
     done
     cluster_up_start "$@" || failed=1
+    redis_topo_up_start "$@" || failed=1
     [[ " $* " == *" kafka "* ]] && start_service kafka
     for svc in redis clickhouse kafka; do
         if [[ " $* " == *" $svc "* ]]; then
@@ -706,6 +734,7 @@ cmd_up() {
         fi
     done
     ((failed)) || cluster_up_wait "$@" || failed=1
+    ((failed)) || redis_topo_up_wait "$@" || failed=1
     if ((failed)); then
         die "stack is not up (see above); \`$0 down\` stops what did start"
     fi
@@ -778,15 +807,20 @@ main() {
         case "$arg" in
             --purge) purge=1 ;;
             --cluster) WITH_CLUSTER=1 ;;
+            --redis-sentinel) WITH_REDIS_SENTINEL=1 ;;
+            --redis-cluster) WITH_REDIS_CLUSTER=1 ;;
             all) services+=("${ALL_SERVICES[@]}") ;;
             cluster) services+=("${CLUSTER_SERVICES[@]}") ;;
+            redis-sentinel) services+=("${REDIS_SENTINEL_SERVICES[@]}") ;;
+            redis-cluster) services+=("${REDIS_CLUSTER_SERVICES[@]}") ;;
             -h | --help)
                 usage
                 exit 0
                 ;;
             *)
                 service_ok "$arg" ||
-                    die "unknown service '$arg' (kafka, redis, clickhouse, cluster, zookeeper, ${CLUSTER_NODES[*]})"
+                    die "unknown service '$arg' (kafka, redis, clickhouse, cluster, zookeeper, ${CLUSTER_NODES[*]}," \
+                        "redis-sentinel, redis-cluster, redis-ha-<1..3>, redis-sentinel-<1..3>, redis-cluster-<1..6>)"
                 services+=("$arg")
                 ;;
         esac
@@ -804,12 +838,24 @@ main() {
             # A plain `down` stops the cluster too if it was ever started here.
             services+=("${CLUSTER_SERVICES[@]}")
         fi
+        [[ "$WITH_REDIS_SENTINEL" == 0 ]] || services+=("${REDIS_SENTINEL_SERVICES[@]}")
+        [[ "$WITH_REDIS_CLUSTER" == 0 ]] || services+=("${REDIS_CLUSTER_SERVICES[@]}")
+        # A plain `down` stops the Redis topologies too if they were ever started here.
+        if [[ "$cmd" == down && "$WITH_REDIS_SENTINEL" == 0 && -d "$REDIS_SENTINEL_DIR" ]]; then
+            services+=("${REDIS_SENTINEL_SERVICES[@]}")
+        fi
+        if [[ "$cmd" == down && "$WITH_REDIS_CLUSTER" == 0 && -d "$REDIS_CLUSTER_DIR" ]]; then
+            services+=("${REDIS_CLUSTER_SERVICES[@]}")
+        fi
     else
         # each service once, in the order given
         mapfile -t services < <(printf '%s\n' "${services[@]}" | awk '!seen[$0]++')
     fi
     # `up` of a cluster service prints the cluster's variables.
     [[ "$cmd" == up ]] && cluster_named "${services[@]}" && WITH_CLUSTER=1
+    # ... and of a Redis topology's service, that topology's.
+    [[ "$cmd" == up ]] && redis_topo_named sentinel "${services[@]}" && WITH_REDIS_SENTINEL=1
+    [[ "$cmd" == up ]] && redis_topo_named cluster "${services[@]}" && WITH_REDIS_CLUSTER=1
     case "$cmd" in
         up) cmd_up "${services[@]}" ;;
         down) cmd_down "$purge" "${services[@]}" ;;

@@ -33,7 +33,7 @@ from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.clickhouse.schema import time_divisor
 from sink.stores.clickhouse.shards import Shard
 from sink.stores.clickhouse.sql import Replication, ServerFeatures
-from sink.stores.dedup import RedisDedup
+from sink.stores.dedup import open_store
 
 T = TypeVar("T")
 log = structlog.get_logger("sink.app")
@@ -327,9 +327,7 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
 
     store = None
     if config.dedup.enabled:
-        store = RedisDedup(
-            config.dedup.redis_url.get_secret_value(), config.dedup.ttl, config.dedup.socket_timeout
-        )
+        store = open_store(config.dedup, config.dedup.socket_timeout)
     producer = make_producer(config)
     consumer = make_consumer(config)
     worker = Worker(
@@ -423,7 +421,7 @@ async def check(config: Config) -> tuple[dict[str, str | None], list[str]]:
     finally:
         await ch.close()
     if config.dedup.enabled:
-        store = RedisDedup(config.dedup.redis_url.get_secret_value(), config.dedup.ttl, 3.0)
+        store = open_store(config.dedup, 3.0)
         try:
             await store.ping()
             results["redis"] = None

@@ -120,7 +120,29 @@ class EventsConfig(_Section):
 
 class DedupConfig(_Section):
     enabled: bool = True
+    mode: Literal["standalone", "sentinel", "cluster"] = "standalone"
+    """standalone: the one Redis of `redis_url`; sentinel: the master the sentinels name;
+    cluster: a Redis Cluster, `redis_url` naming any of its nodes."""
     redis_url: SecretStr = SecretStr("redis://localhost:6379/0")
+    """In sentinel mode only its scheme (rediss:// for TLS), user, password and database
+    are used: the address comes from the sentinels."""
+    username: str | None = None
+    """ACL user; overrides the URL's."""
+    password: SecretStr | None = None
+    """Overrides the URL's."""
+    sentinels: tuple[str, ...] = ()
+    """`host:port` of each sentinel (sentinel mode)."""
+    sentinel_master: str | None = None
+    """The name the sentinels monitor the master under (sentinel mode)."""
+    sentinel_username: str | None = None
+    sentinel_password: SecretStr | None = None
+    """Credentials of the sentinels themselves, if they require any."""
+    min_replicas_acked: int | None = Field(default=None, ge=0)
+    """Replicas that must acknowledge a batch's claims (WAIT) before its rows are inserted.
+    Default: 1 in sentinel and cluster mode, and in standalone mode once the server has been
+    seen with a replica; else 0."""
+    replica_ack_timeout: Duration = 2.0
+    """How long a claim waits for its replicas' acknowledgement before it is retried."""
     ttl: Duration = 32 * 86400.0
     on_error: Literal["block", "allow-duplicates"] = "block"
     key_prefix: str = "sink:dedup:"
@@ -130,6 +152,44 @@ class DedupConfig(_Section):
     def prefix(self) -> bytes:
         """`key_prefix` as the store's keys begin."""
         return self.key_prefix.encode()
+
+    @field_validator("sentinels")
+    @classmethod
+    def _addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"host:port of each sentinel, not {address!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _url_scheme(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("a URL redis://[user:password@]host:port/db (rediss:// for TLS)")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_settings(self) -> DedupConfig:
+        sentinel = self.mode == "sentinel"
+        if sentinel and not self.sentinels:
+            raise ValueError("dedup.mode: sentinel needs dedup.sentinels (host:port of each)")
+        if sentinel and not self.sentinel_master:
+            raise ValueError("dedup.mode: sentinel needs dedup.sentinel_master (its name)")
+        if not sentinel and (self.sentinels or self.sentinel_master):
+            raise ValueError(
+                f"dedup.sentinels and dedup.sentinel_master go with dedup.mode: sentinel, "
+                f"not {self.mode}"
+            )
+        if self.mode == "cluster" and _url_database(self.redis_url) not in (None, 0):
+            raise ValueError("dedup.mode: cluster has only database 0: drop it from redis_url")
+        return self
+
+
+def _url_database(url: SecretStr) -> int | None:
+    """The database number of a Redis URL (its path), None if it names none."""
+    path = url.get_secret_value().split("://", 1)[-1].partition("/")[2].partition("?")[0]
+    return int(path) if path.isdigit() else None
 
 
 class ClickHouseConfig(_Section):

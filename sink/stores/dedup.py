@@ -16,6 +16,7 @@ a later repeat of the same batch (a replay whose order changed), that repeat is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from itertools import compress, count, repeat
 from operator import is_not
@@ -24,18 +25,27 @@ from typing import Any, NamedTuple, Protocol
 import hiredis
 import redis.asyncio as redis_async
 import xxhash
+from pydantic import SecretStr
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError, ResponseError
 
+from sink.config import DedupConfig
 from sink.coordinates import coordinates_of
 from sink.errors import RedisUnavailable
 from sink.stores.keys import DedupKeys, framing
+from sink.stores.redis_connect import (
+    Replication,
+    replication_of,
+    sentinel_client,
+    standalone_client,
+)
 
 # A claim is one `SET key coords NX GET EX ttl` per identity, each atomic on its own, sent as
 # plain commands (a Lua script would copy every argument into and out of Lua), up to 10,000 to
 # a write and its round trip, after the `SET range EX ttl` of each pending range. The commands
 # are framed by one C-level join; replies that are all "no marker" are recognised as bytes, any
-# others parsed by hiredis in one C-level loop. The identities of a batch span hash slots: the
-# store needs a standalone Redis (Redis Cluster is not supported, see docs/operating.md).
+# others parsed by hiredis in one C-level loop. On a Redis Cluster the same commands are split
+# by hash slot, one exchange per node (sink.stores.dedup_cluster).
 
 
 class _BulkHeads(dict[int, bytes]):
@@ -51,7 +61,7 @@ _NIL = b"$-1\r\n"
 """The reply of a SET NX GET that found no marker (RESP2, which the store speaks)."""
 _OK = b"+OK\r\n"
 _READ_SIZE = 1 << 16
-_CHUNK = 10_000
+CHUNK = 10_000
 """Identities per piece of a claim."""
 
 
@@ -162,7 +172,7 @@ def _holders(coords: Sequence[bytes], replies: Sequence[Any], ranges: int) -> li
 
 
 # Delete a marker only while it still holds the releasing record's coordinates.
-_RELEASE = """
+RELEASE_SCRIPT = """
 local n = 0
 for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[i] then
@@ -232,8 +242,8 @@ class MemoryDedup:
         return None
 
 
-class _Piece(NamedTuple):
-    """Up to _CHUNK identities of a claim, sent in one write."""
+class Piece(NamedTuple):
+    """Up to CHUNK identities of a claim, sent in one write."""
 
     coords: Sequence[bytes]
     ranges: int
@@ -241,27 +251,35 @@ class _Piece(NamedTuple):
     commands: bytes
 
 
-_LOST = (RedisError, OSError, RuntimeError)
+REDIS_FAILURES = (RedisError, OSError, RuntimeError)
 """What a failed Redis call raises. (uvloop answers an operation on a transport that a reset
 closed with a RuntimeError, even while redis-py connects.)"""
 
 
 class RedisDedup:
-    """The production store: a round trip per 10,000 identities, markers expire after `ttl`."""
+    """The store on one master (standalone, or the master the sentinels name): a round trip
+    per 10,000 identities, markers expire after `ttl`. With replicas, a claim returns only once
+    `replication` has its acknowledgements (`WAIT`), so no insert rests on a claim that a
+    failover could lose."""
 
-    def __init__(self, url: str, ttl_seconds: float, socket_timeout: float = 5.0) -> None:
-        self._client = redis_async.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            retry_on_timeout=False,
-            health_check_interval=30,
-            # RESP2: no push messages can come between a claim's replies.
-            protocol=2,
-        )
+    def __init__(
+        self,
+        url: str | redis_async.Redis,
+        ttl_seconds: float,
+        socket_timeout: float = 5.0,
+        replication: Replication | None = None,
+        sentinel: Sentinel | None = None,
+    ) -> None:
+        self.replication = replication or Replication(None, 2.0, expect_replicas=False)
+        if isinstance(url, str):
+            url = standalone_client(
+                DedupConfig(redis_url=SecretStr(url)), socket_timeout, self.replication
+            )
+        self._client = url
+        self._sentinel = sentinel
         self._ttl = str(max(1, int(ttl_seconds))).encode()
         self._timeout = socket_timeout
-        self._release = self._client.register_script(_RELEASE)
+        self._release = self._client.register_script(RELEASE_SCRIPT)
 
     async def claim(
         self,
@@ -269,52 +287,29 @@ class RedisDedup:
         coords: Sequence[bytes],
         pending: Mapping[bytes, bytes] | None = None,
     ) -> list[bytes]:
-        if len(keys) != len(coords):
-            raise ValueError(f"{len(keys)} identity keys for {len(coords)} coordinates")
-        # Pieces of at most _CHUNK identities, each sent once the previous one is answered:
-        # a send waits for Redis to take in what it sends, and the socket timeout bounds each
-        # wait. The pending ranges' SETs go first, with the first piece.
-        pieces = []
-        for start in range(0, max(1, len(keys)), _CHUNK):
-            mine = coords[start : start + _CHUNK]
-            ranges = pending if start == 0 else None
-            commands = claim_commands(keys[start : start + _CHUNK], mine, self._ttl, ranges)
-            pieces.append(_Piece(mine, len(ranges or ()), commands))
+        pieces = claim_pieces(keys, coords, self._ttl, pending)
         try:
-            answers = await self._exchange(pieces)
-        except _LOST as exc:
+            answers = await exchange(
+                self._client.connection_pool, pieces, self.replication, self._timeout
+            )
+            return holders_of(pieces, answers)
+        except (*REDIS_FAILURES, RedisUnavailable) as exc:
+            if self._sentinel is not None:
+                # Perhaps a demoted master (READONLY, or WAIT refused on a replica): no idle
+                # connection to it is used again; new ones go to the master the sentinels
+                # name now.
+                with contextlib.suppress(*REDIS_FAILURES):
+                    await self._client.connection_pool.disconnect(inuse_connections=False)
+            if isinstance(exc, RedisUnavailable):
+                raise
             raise RedisUnavailable(f"dedup claim failed: {exc}") from exc
-        holders: list[bytes] = []
-        for (mine, ranges_sent, _), replies in zip(pieces, answers, strict=True):
-            holders += mine if replies is None else _holders(mine, replies, ranges_sent)
-        return holders
-
-    async def _exchange(self, pieces: list[_Piece]) -> list[list[Any] | None]:
-        """Send each piece's commands on one pooled connection and read its replies (see
-        `read_replies`) before the next is sent. A connection whose stream may still hold
-        replies is closed."""
-        pool = self._client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            answers = []
-            for piece in pieces:
-                await conn.send_packed_command(piece.commands)
-                count = piece.ranges + len(piece.coords)
-                all_new = _OK * piece.ranges + _NIL * len(piece.coords)
-                answers.append(await read_replies(conn, count, all_new, self._timeout))
-            return answers
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            await pool.release(conn)
 
     async def pending(self, keys: Sequence[bytes]) -> list[bytes | None]:
         if not keys:
             return []
         try:
             values = await self._client.mget(list(keys))
-        except _LOST as exc:
+        except REDIS_FAILURES as exc:
             raise RedisUnavailable(f"pending ranges read failed: {exc}") from exc
         return [v.encode() if isinstance(v, str) else v for v in values]
 
@@ -323,17 +318,80 @@ class RedisDedup:
             return 0
         try:
             return int(await self._release(keys=list(keys), args=list(coords)))
-        except _LOST as exc:
+        except REDIS_FAILURES as exc:
             raise RedisUnavailable(f"dedup release failed: {exc}") from exc
 
     async def ping(self) -> None:
         try:
             await self._client.ping()
-        except _LOST as exc:
+        except REDIS_FAILURES as exc:
             raise RedisUnavailable(f"redis ping failed: {exc}") from exc
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
+
+
+def claim_pieces(
+    keys: Sequence[bytes],
+    coords: Sequence[bytes],
+    ttl: bytes,
+    pending: Mapping[bytes, bytes] | None = None,
+) -> list[Piece]:
+    """A claim's commands in pieces of at most CHUNK identities, the pending ranges' SETs
+    first, with the first piece."""
+    if len(keys) != len(coords):
+        raise ValueError(f"{len(keys)} identity keys for {len(coords)} coordinates")
+    pieces = []
+    for start in range(0, max(1, len(keys)), CHUNK):
+        mine = coords[start : start + CHUNK]
+        ranges = pending if start == 0 else None
+        commands = claim_commands(keys[start : start + CHUNK], mine, ttl, ranges)
+        pieces.append(Piece(mine, len(ranges or ()), commands))
+    return pieces
+
+
+def holders_of(pieces: Sequence[Piece], answers: Sequence[list[Any] | None]) -> list[bytes]:
+    holders: list[bytes] = []
+    for (mine, ranges_sent, _), replies in zip(pieces, answers, strict=True):
+        holders += mine if replies is None else _holders(mine, replies, ranges_sent)
+    return holders
+
+
+async def exchange(
+    pool: Any, pieces: Sequence[Piece], replication: Replication, stall_s: float
+) -> list[list[Any] | None]:
+    """Send each piece's commands on one pooled connection and read its replies (see
+    `read_replies`) before the next is sent: a send waits for Redis to take in what it sends,
+    and `stall_s` bounds each wait. Then, if replicas must acknowledge the claim, `WAIT` on the
+    same connection (it covers every write the connection made). A connection whose stream may
+    still hold replies is closed."""
+    conn = await pool.get_connection()
+    try:
+        answers = []
+        for piece in pieces:
+            await conn.send_packed_command(piece.commands)
+            count = piece.ranges + len(piece.coords)
+            all_new = _OK * piece.ranges + _NIL * len(piece.coords)
+            answers.append(await read_replies(conn, count, all_new, stall_s))
+        wanted = replication.required()
+        acked = wanted
+        if wanted:
+            wait_ms = int(replication.timeout * 1000)
+            await conn.send_command("WAIT", wanted, wait_ms)
+            acked = int(await conn.read_response(timeout=replication.timeout + stall_s))
+    except BaseException:
+        await conn.disconnect(nowait=True)
+        raise
+    finally:
+        await pool.release(conn)
+    if acked < wanted:
+        raise RedisUnavailable(
+            f"dedup claim acknowledged by {acked} of the {wanted} replicas it needs within "
+            f"{replication.timeout:g} s: retried before anything is inserted"
+        )
+    return answers
 
 
 class Grouped(NamedTuple):
@@ -425,3 +483,17 @@ def keep(grouped: Grouped, holders: Sequence[bytes], keys: DedupKeys) -> list[An
         elif slot in repeats:
             kept.extend(i for i in repeats[slot] if keys.marker(coordinates_of(i)) == holder)
     return kept
+
+
+def open_store(config: DedupConfig, socket_timeout: float) -> DedupStore:
+    """The store `dedup.mode` names."""
+    replication = replication_of(config)
+    if config.mode == "cluster":
+        from sink.stores.dedup_cluster import ClusterDedup
+
+        return ClusterDedup(config, socket_timeout, replication)
+    if config.mode == "sentinel":
+        client, sentinel = sentinel_client(config, socket_timeout, replication)
+        return RedisDedup(client, config.ttl, socket_timeout, replication, sentinel)
+    client = standalone_client(config, socket_timeout, replication)
+    return RedisDedup(client, config.ttl, socket_timeout, replication)

@@ -1,5 +1,6 @@
 """The Redis dedup store against a real Redis: claims, replays and conflicts in claims whose
-replies take many reads, pending ranges, releases, error replies, timeouts and RESP3."""
+replies take many reads, pending ranges, releases, error replies, timeouts, RESP3 and an ACL
+user."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis_async
+from pydantic import SecretStr
 
+from sink.config import DedupConfig
 from sink.errors import RedisUnavailable
-from sink.stores.dedup import RedisDedup
+from sink.stores.dedup import RedisDedup, open_store
 from sink.stores.keys import coordinates, identity_key, pending_key
 from tests.conftest import Services
 
@@ -167,3 +170,28 @@ async def test_claims_over_resp3_read_each_reply_with_the_client(
         assert await store.pending(list(pending)) == [b"0:4:1:1"]
     finally:
         await store.close()
+
+
+async def test_an_acl_user_with_only_the_commands_the_store_needs(
+    services: Services, client: redis_async.Redis, prefix: bytes, uid: str
+) -> None:
+    """The user and password from the configuration (over the URL's); no +role: a standalone
+    server then works as before, its replicas unknown."""
+    user, password = f"dedup_{uid}", f"pw-{uid}"
+    allowed = ["+set", "+get", "+mget", "+del", "+eval", "+evalsha", "+script", "+ping"]
+    await client.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", f"~{prefix.decode()}*", *allowed
+    )
+    config = DedupConfig(
+        redis_url=SecretStr(services.redis), username=user, password=SecretStr(password)
+    )
+    store = open_store(config, 2.0)
+    keys, mine = _keys(prefix, 3, "u"), _coords("orders", 9, 3)
+    pending = {pending_key(prefix, "orders", 9): b"0:2:1:1"}
+    try:
+        assert await store.claim(keys, mine, pending) == mine
+        assert await store.pending(list(pending)) == [b"0:2:1:1"]
+        assert await store.release(keys[:1], mine[:1]) == 1
+    finally:
+        await store.close()
+        await client.execute_command("ACL", "DELUSER", user)
