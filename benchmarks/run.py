@@ -293,6 +293,9 @@ NOTES = [
     "18.16's engine starts a fresh group at the end of the partitions.",
     "The peer's rows become visible in blocks of up to max_block_size (65,536) rows or after "
     "stream_flush_interval_ms (7.5 s), which coarsens its timing on small N.",
+    "Each sink run starts on a schema made just before, untimed, by `sink migrate` (with "
+    "the workload's meters), as a deployment's workers start on theirs: a new meter waits out "
+    "its cutoff once, at creation (about 5 s), which is not the worker's throughput.",
     "Sink runs use the worker's defaults (see `worker_defaults` in the JSON; JSON logs at INFO "
     "to a file) except dedup.ttl = 2h so that keys of an interrupted benchmark expire by "
     "themselves. The consume ceiling uses the same fetch sizes and max_records = batch.max_rows; "

@@ -121,6 +121,21 @@ def start_sink(
     )
 
 
+async def migrate_first(config: Path, log_path: Path) -> None:
+    """`sink migrate -c config`, its output appended to the run's log."""
+    with log_path.open("ab") as log_file:
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [python(), "-m", "sink", "migrate", "-c", str(config)],
+            stdout=log_file,
+            stderr=log_file,
+            cwd=ROOT,
+            timeout=300,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"sink migrate exited with {done.returncode}; see {log_path}")
+
+
 async def stop_sink(proc: subprocess.Popen[bytes], limit_s: float = 60) -> int:
     """SIGTERM (the worker drains and leaves its group); SIGKILL the group if it hangs.
     Under py-spy only the worker gets the signal: py-spy writes its profile when it exits."""
@@ -201,6 +216,9 @@ async def run_sink(
     chs = [clickhouse(url) for url in urls]
     stack = ServiceCpu()
     result_code = code_version()
+    # The schema and meters are made first, untimed (`sink migrate`), as a deployment has
+    # them before its workers run: a new meter's view waits out its cutoff once, at creation.
+    await migrate_first(config, log_path)
     t0 = time.monotonic()
     proc = start_sink(config, workers, log_path, profile_out)
     monitor = ProcessMonitor(proc.pid).start()

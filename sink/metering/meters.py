@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -104,38 +104,64 @@ def group_value(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+class _Read(NamedTuple):
+    """What the check reads of an event for one meter, and its answers made in advance."""
+
+    key: str | None
+    """The property's name when it is top-level (read with one `dict.get`), else None."""
+    where: tuple[str, ...]
+    numeric: bool
+    missing: str
+    not_number: str
+    not_scalar: str
+
+
 class MeterIndex:
-    """The meters of each event type, for the worker's per-event check."""
+    """The meters of each event type that read a property, for the worker's per-event check
+    (a meter without `value_property`, COUNT, reads nothing and can always count)."""
 
     def __init__(self, meters: Sequence[Meter]) -> None:
-        self.by_type: dict[str, list[tuple[Meter, tuple[str, ...] | None]]] = {}
+        self.by_type: dict[str, list[_Read]] = {}
         for meter in meters:
-            where = path(meter.value_property) if meter.value_property else None
-            self.by_type.setdefault(meter.event_type, []).append((meter, where))
+            if not meter.value_property:
+                continue
+            where = path(meter.value_property)
+            named = f"[{meter.slug}] '{meter.value_property}'"
+            self.by_type.setdefault(meter.event_type, []).append(
+                _Read(
+                    where[0] if len(where) == 1 else None,
+                    where,
+                    meter.aggregation in NUMERIC,
+                    f"{named} is missing",
+                    f"{named} is not a number",
+                    f"{named} is not a scalar",
+                )
+            )
 
     def __bool__(self) -> bool:
         return bool(self.by_type)
 
     def check(self, event_type: str, data: Mapping[str, Any]) -> str:
         """'' if every meter of this type can read the event, else `[slug] why; ...`."""
-        meters = self.by_type.get(event_type)
-        if not meters:
+        reads = self.by_type.get(event_type)
+        if not reads:
             return ""
-        problems = []
-        for meter, where in meters:
-            if where is None:
-                continue
-            value = lookup(data, where)
+        problems = None
+        for key, where, numeric, missing, not_number, not_scalar in reads:
+            value: Any = data.get(key) if key is not None else lookup(data, where)
+            kind = type(value)
+            if kind is int or (kind is float and math.isfinite(value)):
+                continue  # a number suits every meter
             if value is None:
-                problems.append(f"[{meter.slug}] '{meter.value_property}' is missing")
-            elif meter.aggregation in NUMERIC and not _is_number(value):
-                problems.append(f"[{meter.slug}] '{meter.value_property}' is not a number")
-            elif isinstance(value, dict | list):
-                problems.append(f"[{meter.slug}] '{meter.value_property}' is not a scalar")
-        return "; ".join(problems)
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    return math.isfinite(value)
+                problem = missing
+            elif numeric:
+                problem = not_number
+            elif kind is dict or kind is list:
+                problem = not_scalar
+            else:
+                continue
+            if problems is None:
+                problems = [problem]
+            else:
+                problems.append(problem)
+        return "; ".join(problems) if problems else ""

@@ -151,8 +151,15 @@ def decode(
         return Rejection(EMPTY, "record has no value")
     if len(value) > max_bytes:
         return Rejection(TOO_LARGE, f"record is {len(value)} bytes, limit is {max_bytes}")
-    flat = True
+    # A flat event has two braces at most (its own and data's) and no bracket: anything more
+    # is most likely nested data, read by the second decoder without trying the first (a
+    # brace inside a string only sends a flat event the longer way, to the same result).
+    # `find` and `in` scan with memchr; `count` would walk the bytes one by one.
+    second = value.find(b"{", 1)
+    flat = (second < 0 or value.find(b"{", second + 1) < 0) and b"[" not in value
     try:
+        if not flat:
+            raise msgspec.DecodeError
         doc: _Common = _read_common(value)
     except NOT_TYPED:
         # Not the usual flat `data`: nested data, or anything else for the general path.
@@ -335,12 +342,7 @@ _WIDE = 2.0**63
 def typed_data(data: dict[str, Any]) -> str:
     """`data` read by the typed path as the stored JSON text, top-level scalars first (see
     `_inspect`); JSONEncodeError for what orjson cannot write."""
-    text = orjson.dumps(data).decode()
-    # Text without a bracket after the first is flat data (cheaper to find than to look).
-    if text.find("{", 1) < 0 and text.find("[") < 0:
-        return text
-    ordered = _scalars_first(data)
-    return text if ordered is data else orjson.dumps(ordered).decode()
+    return orjson.dumps(_scalars_first(data)).decode()
 
 
 def _scalars_first(data: dict[str, Any]) -> dict[str, Any]:
