@@ -61,7 +61,7 @@ def aggregate(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return agg
 
 
-SHAPES = ("flat", "mixed")
+SHAPES = ("flat", "mixed", "binary")
 
 
 def prefix(shape: str) -> str:

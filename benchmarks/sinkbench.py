@@ -492,7 +492,10 @@ async def run_latency(
                     b = builders.get(tp)
                     if b is None:
                         b = builders[tp] = producer.create_batch()
-                    if b.append(key=r.key, value=r.value, timestamp=stamp_ms) is None:
+                    added = b.append(
+                        key=r.key, value=r.value, timestamp=stamp_ms, headers=list(r.headers)
+                    )
+                    if added is None:
                         break  # full: the rest goes with the next tick
                     counts[tp] = counts.get(tp, 0) + 1
                     i += 1

@@ -5,6 +5,9 @@ thousand records later so they often fall into another batch) and of invalid rec
 
 Two shapes (`Spec.shape`):
 - `flat`: about 250 bytes, `data` a flat object of four members.
+- `binary`: the flat events in CloudEvents binary content mode: the attributes in `ce_`
+  headers, `data` the record value, `content-type: application/json` (invalid records stay
+  structured).
 - `mixed`: 300-700 bytes, four event types of which three carry nested objects and arrays in
   `data` (token usage, label maps, line items, tags), long subjects with non-ASCII letters,
   read by the meters `MIXED_METERS` (nested property paths).
@@ -42,7 +45,7 @@ INVALID = (
 )
 
 
-SHAPES = ("flat", "mixed")
+SHAPES = ("flat", "mixed", "binary")
 
 MIXED_METERS: list[dict[str, Any]] = [
     {"slug": "bench_tokens", "event_type": "llm.tokens", "aggregation": "SUM",
@@ -108,9 +111,12 @@ class Record(NamedTuple):
     """`namespace\\tsource\\tid` of a new valid event; None for duplicates and invalid."""
     kind: int
     """NEW, DUP or BAD."""
+    headers: tuple[tuple[str, bytes], ...] = ()
+    """The record's headers (binary content mode's attributes)."""
 
 
 NEW, DUP, BAD = 0, 1, 2
+JSON_CONTENT = ("content-type", b"application/json")
 
 
 def generate(spec: Spec) -> Iterator[Record]:
@@ -121,6 +127,7 @@ def generate(spec: Spec) -> Iterator[Record]:
     t = spec.topics
     n_subjects = spec.subjects
     mixed = spec.shape == "mixed"
+    binary = spec.shape == "binary"
     if mixed:  # long, and non-ASCII (the key and the subject are its UTF-8 bytes)
         subjects = [
             f"org-{i % 97:02d}/user-{i:05d}-{NAMES[i % len(NAMES)]}-{'x' * (i % 23)}"
@@ -160,26 +167,30 @@ def generate(spec: Spec) -> Iterator[Record]:
         ns_index = i % t
         source = sources[i]
         event_id = f"{id_prefix}{8 + int(rand() * 4):x}{int(rand() * 4096):03x}-{n_new:012x}"
-        value = dumps(
-            {
-                "specversion": "1.0",
-                "id": event_id,
-                "source": source,
-                "type": types[i],
-                "subject": subjects[i],
-                "time": f"{stamps[int(rand() * 3600)]}.{int(rand() * 1000):03d}Z",
-                "data": mixed_data(types[i], rand)
-                if mixed
-                else {
-                    "route": ROUTES[int(rand() * len(ROUTES))],
-                    "status": 200 if rand() < 0.97 else 429,
-                    "tokens": int(rand() * 20_000),
-                    "ms": int(rand() * 2000),
-                },
-            }
-        )
+        event = {
+            "specversion": "1.0",
+            "id": event_id,
+            "source": source,
+            "type": types[i],
+            "subject": subjects[i],
+            "time": f"{stamps[int(rand() * 3600)]}.{int(rand() * 1000):03d}Z",
+            "data": mixed_data(types[i], rand)
+            if mixed
+            else {
+                "route": ROUTES[int(rand() * len(ROUTES))],
+                "status": 200 if rand() < 0.97 else 429,
+                "tokens": int(rand() * 20_000),
+                "ms": int(rand() * 2000),
+            },
+        }
+        headers: tuple[tuple[str, bytes], ...] = ()
+        if binary:
+            value = dumps(event.pop("data"))
+            headers = (*((f"ce_{k}", v.encode()) for k, v in event.items()), JSON_CONTENT)
+        else:
+            value = dumps(event)
         identity = f"{namespaces[ns_index]}\t{source}\t{event_id}".encode()
-        record = Record(ns_index, partition_of[i], keys[i], value, identity, NEW)
+        record = Record(ns_index, partition_of[i], keys[i], value, identity, NEW, headers)
         yield record
         if rand() < dup_after_new:
             # A resend: usually the same partition (producer retry), sometimes another one.
@@ -187,7 +198,7 @@ def generate(spec: Spec) -> Iterator[Record]:
             if rand() < 0.2 and n_parts > 1:
                 partition = (partition + 1 + int(rand() * (n_parts - 1))) % n_parts
             due = index + 1 + int(rand() * 5000)
-            dup = Record(record.topic, partition, record.key, value, None, DUP)
+            dup = Record(record.topic, partition, record.key, value, None, DUP, headers)
             heapq.heappush(pending, (due, index, dup))
 
 
@@ -319,15 +330,16 @@ async def load(spec: Spec, bootstrap: str, keep_expected: bool = True) -> Loaded
             builder = builders.get(tp)
             if builder is None:
                 builder = builders[tp] = producer.create_batch()
-            if builder.append(key=record.key, value=record.value, timestamp=None) is None:
+            key, value, headers = record.key, record.value, list(record.headers)
+            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
                 gen_seconds += time.monotonic() - t_gen
                 await flush(tp)
                 builder = builders[tp] = producer.create_batch()
-                builder.append(key=record.key, value=record.value, timestamp=None)
+                builder.append(key=key, value=value, timestamp=None, headers=headers)
                 t_gen = time.monotonic()
             counts[tp] = counts.get(tp, 0) + 1
             out.records += 1
-            out.nbytes += len(record.value)
+            out.nbytes += len(record.value) + sum(len(k) + len(v) for k, v in record.headers)
             if record.kind == NEW:
                 out.new += 1
                 if keep_expected:
