@@ -34,6 +34,7 @@ from sink.stores.clickhouse.schema import time_divisor
 from sink.stores.clickhouse.shards import Shard
 from sink.stores.clickhouse.sql import Replication, ServerFeatures
 from sink.stores.dedup import open_store
+from sink.stores.dedup_groups import GroupedDedup, sweep_forever
 
 T = TypeVar("T")
 log = structlog.get_logger("sink.app")
@@ -350,6 +351,10 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
         _tune_gc()
         collector = asyncio.create_task(_collect_garbage(), name="gc")
         meters = asyncio.create_task(keeper.run(stop), name="meters") if keeper else None
+        sweeper = None
+        if isinstance(store, GroupedDedup):
+            sweep = sweep_forever(store, config.dedup.sweep_every, config.dedup.groups, log)
+            sweeper = asyncio.create_task(sweep, name="dedup-sweep")
         try:
             if config.kafka.topics:
                 consumer.subscribe(topics=list(config.kafka.topics), listener=listener)
@@ -358,6 +363,8 @@ async def _serve(config: Config, stop: asyncio.Event, metrics: Metrics, http: He
             await worker.run(stop)
         finally:
             collector.cancel()
+            if sweeper is not None:
+                sweeper.cancel()
             if meters is not None:
                 meters.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -147,11 +147,36 @@ class DedupConfig(_Section):
     on_error: Literal["block", "allow-duplicates"] = "block"
     key_prefix: str = "sink:dedup:"
     socket_timeout: Duration = 5.0
+    layout: Literal["groups", "keys"] = "groups"
+    """groups: identities as fields of `groups` small hashes (about 40 bytes each); keys: a key
+    per identity (about 180 bytes each), as before the groups layout."""
+    groups: int = Field(default=1 << 20, ge=1, lt=1 << 32)
+    """Hashes the identities are spread over (groups layout): events/s x ttl (seconds) / 25, so
+    that each stays well under Redis' `hash-max-listpack-entries` (128), in its compact
+    encoding. A change forgets most identities (they move to other groups)."""
+    sweep_every: Duration = 16 * 86400.0
+    """How often the workers' shared sweep goes over every group, dropping fields older than the
+    ttl (groups layout). Default: half the ttl. Decisions honour the ttl whatever this is; it
+    bounds how long a forgotten identity still takes memory."""
+    legacy_reads: bool = False
+    """Groups layout: also look identities up under their keys-layout keys until one ttl after
+    this layout first claimed under the prefix (an upgrade from the keys layout)."""
 
     @property
     def prefix(self) -> bytes:
         """`key_prefix` as the store's keys begin."""
         return self.key_prefix.encode()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sweep_every_half_the_ttl(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("sweep_every") is None:
+            try:
+                ttl = float(_parse_duration(data.get("ttl", 32 * 86400.0)))
+            except (TypeError, ValueError):
+                return data  # the ttl's own check reports it
+            return {**data, "sweep_every": ttl / 2}
+        return data
 
     @field_validator("sentinels")
     @classmethod

@@ -1,7 +1,9 @@
 """Replay-safe deduplication by event identity `(namespace, source, id)`.
 
-A marker key (the hashed identity) holds the coordinates `topic:partition:offset` of the record
-that claimed it. Claiming answers, per key, the coordinates that hold the marker afterwards:
+A marker (of the hashed identity) holds the coordinates of the record that claimed it
+(sink.stores.keys). Markers are fields of small hashes (`dedup.layout: groups`,
+sink.stores.dedup_groups) or a key each (`keys`, `RedisDedup` here). Claiming answers, per
+identity, the coordinates that hold the marker afterwards:
 
 - the key was absent: this record claimed it, it is the holder: keep it;
 - the key holds this record's own coordinates: a replay after a crash: keep it;
@@ -32,7 +34,7 @@ from redis.exceptions import RedisError, ResponseError
 from sink.config import DedupConfig
 from sink.coordinates import coordinates_of
 from sink.errors import RedisUnavailable
-from sink.stores.keys import DedupKeys, framing
+from sink.stores.keys import DedupKeys, framing, from_text
 from sink.stores.redis_connect import (
     Replication,
     replication_of,
@@ -40,9 +42,10 @@ from sink.stores.redis_connect import (
     standalone_client,
 )
 
-# A claim is one `SET key coords NX GET EX ttl` per identity, each atomic on its own, sent as
-# plain commands (a Lua script would copy every argument into and out of Lua), up to 10,000 to
-# a write and its round trip, after the `SET range EX ttl` of each pending range. The commands
+# In the keys layout a claim is one `SET key coords NX GET EX ttl` per identity, each atomic on
+# its own, sent as plain commands (a Lua script would copy every argument into and out of Lua),
+# up to 10,000 to a write and its round trip, after the `SET range EX ttl` of each pending
+# range. The commands
 # are framed by one C-level join; replies that are all "no marker" are recognised as bytes, any
 # others parsed by hiredis in one C-level loop. On a Redis Cluster the same commands are split
 # by hash slot, one exchange per node (sink.stores.dedup_cluster).
@@ -56,11 +59,13 @@ class _BulkHeads(dict[int, bytes]):
         return head
 
 
-_BULK_HEADS = _BulkHeads()
+BULK_HEADS = _BulkHeads()
 _NIL = b"$-1\r\n"
 """The reply of a SET NX GET that found no marker (RESP2, which the store speaks)."""
 _OK = b"+OK\r\n"
 _READ_SIZE = 1 << 16
+_INCOMPLETE = object()
+"""What hiredis answers while the buffer holds no complete reply."""
 CHUNK = 10_000
 """Identities per piece of a claim."""
 
@@ -79,7 +84,7 @@ def claim_commands(
     if len(widths) > 1:
         raise ValueError("identity keys must share one width")
     width = widths.pop() if widths else 0
-    heads = _BULK_HEADS
+    heads = BULK_HEADS
     expiry = b"\r\n$2\r\nEX" + heads[len(ttl)] + ttl + b"\r\n"
     ranges = [
         b"*5\r\n$3\r\nSET" + heads[len(key)] + key + heads[len(value)] + value + expiry
@@ -99,7 +104,8 @@ async def read_replies(
     conn: Any, count: int, all_new: bytes, stall_s: float | None = None
 ) -> list[Any] | None:
     """Read the `count` replies of the commands a connection has just sent: None when they
-    are exactly `all_new`, else each reply (None, bytes, or the error Redis answered).
+    are exactly `all_new` (not empty), else each reply (None, bytes, or the error Redis
+    answered).
     `stall_s` bounds each wait for more of them, as redis-py's socket timeout does.
 
     The replies are read from the connection's stream and parsed by hiredis: redis-py reads
@@ -119,17 +125,16 @@ async def read_replies(
             break
         size += len(chunk)
     else:
-        if size == len(all_new):
+        if all_new and size == len(all_new):
             return None
         seen = all_new[:size]
-    reader = hiredis.Reader()
+    reader = hiredis.Reader(notEnoughData=_INCOMPLETE)
     reader.feed(seen)
     replies: list[Any] = []
     while True:
-        # Every complete reply in the buffer, by a C-level loop (a SET's reply is never
-        # False, hiredis' "incomplete").
+        # Every complete reply in the buffer, by a C-level loop.
         try:
-            replies += iter(reader.gets, False)
+            replies += iter(reader.gets, _INCOMPLETE)
         except hiredis.ProtocolError as exc:
             raise ConnectionError(f"unreadable reply to a claim: {exc}") from exc
         if len(replies) >= count:
@@ -421,7 +426,7 @@ class Grouping:
         # (`topic:partition:`) is made again only when the partition changes from one item to
         # the next (items come in runs of one partition).
         self._heads: dict[tuple[str, str], str] = {}
-        self._last: tuple[str | None, int, str] = (None, -1, "")
+        self._last: tuple[str | None, int, bytes] = (None, -1, b"")
 
     def add(self, items: Sequence[Any]) -> None:
         keys, coords, firsts, repeats = self.grouped
@@ -452,7 +457,7 @@ class Grouping:
                 if item[9] != partition or item[8] != topic:
                     topic, partition = item[8], item[9]
                     at = self._keys.head(topic, partition)
-                add_coords(f"{at}{item[10]}".encode())
+                add_coords(at + item[10].to_bytes(8, "big"))
                 add_first(item)
             elif slot in repeats:
                 repeats[slot].append(item)
@@ -475,25 +480,44 @@ def keep(grouped: Grouped, holders: Sequence[bytes], keys: DedupKeys) -> list[An
         raise ValueError(f"{len(holders)} holders for {len(identities)} identity keys")
     if not repeats:
         pairs = zip(firsts, coords, holders, strict=True)
-        return [first for first, mine, holder in pairs if holder == mine]
+        return [first for first, mine, holder in pairs if holder == mine or _own(holder, mine)]
     kept = []
     for slot, (first, mine, holder) in enumerate(zip(firsts, coords, holders, strict=True)):
-        if holder == mine:
+        if holder == mine or _own(holder, mine):
             kept.append(first)
         elif slot in repeats:
-            kept.extend(i for i in repeats[slot] if keys.marker(coordinates_of(i)) == holder)
+            kept.extend(i for i in repeats[slot] if _own(holder, keys.marker(coordinates_of(i))))
     return kept
 
 
+def _own(holder: bytes, mine: bytes) -> bool:
+    """Whether a holder is a record's own coordinates, written as they are now or as text
+    before they were binary (a replay across an upgrade)."""
+    return holder == mine or from_text(holder) == mine
+
+
 def open_store(config: DedupConfig, socket_timeout: float) -> DedupStore:
-    """The store `dedup.mode` names."""
+    """The store `dedup.mode` and `dedup.layout` name."""
     replication = replication_of(config)
     if config.mode == "cluster":
-        from sink.stores.dedup_cluster import ClusterDedup
+        from sink.stores.dedup_cluster import ClusterDedup, cluster_grouped
 
+        if config.layout == "groups":
+            return cluster_grouped(config, socket_timeout, replication)
         return ClusterDedup(config, socket_timeout, replication)
+    sentinel = None
     if config.mode == "sentinel":
         client, sentinel = sentinel_client(config, socket_timeout, replication)
-        return RedisDedup(client, config.ttl, socket_timeout, replication, sentinel)
-    client = standalone_client(config, socket_timeout, replication)
-    return RedisDedup(client, config.ttl, socket_timeout, replication)
+    else:
+        client = standalone_client(config, socket_timeout, replication)
+    if config.layout == "groups":
+        from sink.stores.dedup_groups import GroupedDedup, standalone_links
+
+        async def close() -> None:
+            await client.aclose()
+            if sentinel is not None:
+                await sentinel.aclose()
+
+        links = standalone_links(client, replication, socket_timeout, sentinel)
+        return GroupedDedup(config, links, close, replication)
+    return RedisDedup(client, config.ttl, socket_timeout, replication, sentinel)

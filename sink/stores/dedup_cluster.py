@@ -8,12 +8,17 @@ failover or a finished migration) is sent again to the node named, and the slot 
 again before the next claim; one answered `ASK` (its slot is being migrated and the key is not
 on the old owner) is sent again to the new owner after `ASKING`. Anything else that fails
 fails the claim: the caller retries it whole, and a retried claim finds its own markers.
+
+In the groups layout (sink.stores.dedup_groups) a group's key decides its slot: the same
+splitting serves its commands (`ClusterLink`), each master's share on one connection held for
+the claim, so that one `WAIT` on each covers its writes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as redis_async
@@ -23,6 +28,7 @@ from redis.exceptions import AskError, MovedError
 from sink.config import DedupConfig
 from sink.errors import RedisUnavailable
 from sink.stores.dedup import REDIS_FAILURES, RELEASE_SCRIPT, claim_pieces, exchange
+from sink.stores.dedup_groups import GroupedDedup, Link, parsed, send_on, wait_on
 from sink.stores.redis_connect import Replication, common_options, url_options
 
 SLOTS = 16384
@@ -309,6 +315,116 @@ class ClusterDedup:
     async def close(self) -> None:
         for client in self._clients.values():
             await client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def link(self) -> AsyncIterator[Link]:
+        """A link to the cluster's masters for one claim (groups layout)."""
+        link = ClusterLink(self)
+        try:
+            yield link
+        except BaseException:
+            await link.release(broken=True)
+            raise
+        await link.release(broken=False)
+
+
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
+_OK = b"+OK\r\n"
+
+
+class ClusterLink:
+    """Each command to the master of its route key's slot, following MOVED and ASK; one
+    connection to each master, held until `release`."""
+
+    def __init__(self, store: ClusterDedup) -> None:
+        self._store = store
+        self._conns: dict[str, Any] = {}
+        self._wrote: set[str] = set()
+
+    async def send(
+        self,
+        routes: Sequence[bytes],
+        commands: Sequence[bytes],
+        expect: Sequence[bytes],
+        writes: bool,
+    ) -> list[Any] | None:
+        store = self._store
+        slots = await store._routes()
+        replies: list[Any] = [None] * len(commands)
+        foreseen = True
+        todo = {at: (slots[key_slot(route)], False) for at, route in enumerate(routes)}
+        for _ in range(_REDIRECTS):
+            if not todo:
+                return None if foreseen else replies
+            groups: dict[tuple[str, bool], list[int]] = {}
+            for at, target in todo.items():
+                groups.setdefault(target, []).append(at)
+            answers = await store._gather(
+                {
+                    target: self._to(
+                        target, [commands[at] for at in ats], [expect[at] for at in ats], writes
+                    )
+                    for target, ats in groups.items()
+                }
+            )
+            todo = {}
+            for ats, got in zip(groups.values(), answers, strict=True):
+                if got is None:
+                    for at in ats:
+                        replies[at] = parsed(expect[at])
+                    continue
+                foreseen = False
+                for at, reply in zip(ats, got, strict=True):
+                    if to := store._redirected(reply, slots):
+                        todo[at] = to
+                    else:
+                        replies[at] = reply
+        raise RedisUnavailable(
+            f"dedup: commands still redirected after {_REDIRECTS} tries (the cluster is "
+            "resharding or failing over)"
+        )
+
+    async def _to(
+        self, target: tuple[str, bool], commands: list[bytes], expect: list[bytes], writes: bool
+    ) -> list[Any] | None:
+        node, asking = target
+        conn = self._conns.get(node)
+        if conn is None:
+            pool = self._store._client(node).connection_pool
+            conn = self._conns[node] = await pool.get_connection()  # type: ignore[no-untyped-call]
+        if writes:
+            self._wrote.add(node)
+        if not asking:
+            return await send_on(conn, commands, expect, self._store._timeout)
+        sent = [c for command in commands for c in (_ASKING, command)]
+        wanted = [e for reply in expect for e in (_OK, reply)]
+        got = await send_on(conn, sent, wanted, self._store._timeout)
+        return None if got is None else got[1::2]
+
+    async def wait(self) -> None:
+        store = self._store
+        await store._gather(
+            {
+                node: wait_on(self._conns[node], store.replication, store._timeout, f" on {node}")
+                for node in sorted(self._wrote)
+            }
+        )
+
+    async def release(self, broken: bool) -> None:
+        """Gives the connections back; after a failure closed, as they may hold replies."""
+        for node, conn in self._conns.items():
+            if broken:
+                await conn.disconnect(nowait=True)
+            await self._store._client(node).connection_pool.release(conn)
+        self._conns.clear()
+
+
+def cluster_grouped(
+    config: DedupConfig, socket_timeout: float, replication: Replication
+) -> GroupedDedup:
+    """The groups layout on a Redis Cluster."""
+    cluster = ClusterDedup(config, socket_timeout, replication)
+    return GroupedDedup(config, cluster.link, cluster.close, replication)
 
 
 async def _one(conn: Any, wait_s: float) -> Any:

@@ -2,11 +2,16 @@
 
 | entry | key | value |
 |---|---|---|
-| an identity's marker | prefix + xxh3-128 of `framing(namespace, source) + id` | the coordinates of the record that holds it, `topic:partition:offset` |
+| an identity (`dedup.layout: groups`) | a field of a group hash: key prefix + `~g` + group number (4 bytes), field the identity's last 8 digest bytes | claim time (4 bytes, epoch seconds) + the holder's coordinates |
+| an identity (`dedup.layout: keys`) | prefix + xxh3-128 of `framing(namespace, source) + id` | the holder's coordinates |
 | a partition's pending range | prefix + `~pending:topic:partition` | `first:last:tmin:tmax`: the offsets a worker is about to insert and their event-time bounds (epoch seconds) |
+| the groups layout's start, and its sweep cursor | prefix + `~groups-since`, prefix + `~sweep` | epoch seconds; a hash `next`, `started` |
 
-`topic` is the topic's storage key (`sink.pipeline.topics`): a topic deleted and created
-again under its name gets other keys. The prefix is `dedup.key_prefix`.
+A record's coordinates are 16 bytes: the first 8 bytes of xxh3-64 of `topic:partition`, then
+the offset (8 bytes, big-endian). `topic` is the topic's storage key (`sink.pipeline.topics`): a
+topic deleted and created again under its name gets other keys. Markers written before the
+coordinates were binary hold them as text, `topic:partition:offset` (`coordinates`); a record
+whose binary coordinates those are still recognises its claim (`from_text`). The prefix is `dedup.key_prefix`.
 """  # noqa: E501
 
 from __future__ import annotations
@@ -31,14 +36,69 @@ def identity_key(prefix: bytes, namespace: str, source: str, event_id: str) -> b
     return prefix + xxhash.xxh3_128_digest(framed)
 
 
-def coordinates_head(topic: str, partition: int) -> str:
-    """What the coordinates of every record of one partition begin with."""
-    return f"{topic}:{partition}:"
+def coordinates_head(topic: str, partition: int) -> bytes:
+    """What the coordinates of every record of one partition begin with: 8 bytes of the hash of
+    the partition's name."""
+    return xxhash.xxh3_64_digest(f"{topic}:{partition}".encode("utf-8", "surrogatepass"))
+
+
+def compact_coordinates(topic: str, partition: int, offset: int) -> bytes:
+    """A marker's coordinates: the record that holds it, in 16 bytes."""
+    return coordinates_head(topic, partition) + offset.to_bytes(8, "big")
 
 
 def coordinates(topic: str, partition: int, offset: int) -> bytes:
-    """A marker's value: the coordinates of the record that holds it."""
-    return f"{coordinates_head(topic, partition)}{offset}".encode()
+    """The coordinates as markers held them before they were binary: `topic:partition:offset`."""
+    return f"{topic}:{partition}:{offset}".encode()
+
+
+def from_text(held: bytes) -> bytes | None:
+    """The binary coordinates of a holder written as text (`coordinates`); None if `held` is
+    not such text. Only a holder other than a record's own binary coordinates is read so: a
+    binary one that happened to parse could then match the record only by a hash collision."""
+    if held.count(b":") < 2:
+        return None
+    try:
+        topic, partition, offset = held.decode("utf-8", "surrogatepass").rsplit(":", 2)
+    except UnicodeDecodeError:
+        return None
+    if not (partition.isdigit() and offset.isdigit() and partition.isascii() and offset.isascii()):
+        return None
+    return compact_coordinates(topic, int(partition), int(offset))
+
+
+CLAIM_TIME_SIZE = 4
+FIELD_SIZE = 8
+"""The bytes of an identity's digest that name it inside its group: the last 8 of its 16."""
+
+
+def group_number(identity: bytes, groups: int) -> int:
+    """The group an identity key (prefix + 16-byte digest) falls in: its first 8 digest bytes,
+    modulo the number of groups."""
+    return int.from_bytes(identity[-16:-8], "big") % groups
+
+
+def group_key(prefix: bytes, number: int) -> bytes:
+    return prefix + b"~g" + number.to_bytes(4, "big")
+
+
+def group_value(claimed_at: int, coords: bytes) -> bytes:
+    """A group field's value: when it was claimed (epoch seconds), then who holds it."""
+    return claimed_at.to_bytes(CLAIM_TIME_SIZE, "big") + coords
+
+
+def claimed_at(value: bytes) -> int:
+    return int.from_bytes(value[:CLAIM_TIME_SIZE], "big")
+
+
+def groups_since_key(prefix: bytes) -> bytes:
+    """When the groups layout first claimed under this prefix (epoch seconds)."""
+    return prefix + b"~groups-since"
+
+
+def sweep_key(prefix: bytes) -> bytes:
+    """The sweep's shared cursor: the next group to sweep and when the sweep round started."""
+    return prefix + b"~sweep"
 
 
 def pending_key(prefix: bytes, topic: str, partition: int) -> bytes:
@@ -64,13 +124,13 @@ class DedupKeys:
     def identity(self, namespace: str, source: str, event_id: str) -> bytes:
         return identity_key(self.prefix, namespace, source, event_id)
 
-    def head(self, topic: str, partition: int) -> str:
-        """What the marker value of every record of one partition begins with."""
+    def head(self, topic: str, partition: int) -> bytes:
+        """What the coordinates of every record of one partition begin with."""
         return coordinates_head(self.topic_key(topic), partition)
 
     def marker(self, at: Coordinates) -> bytes:
-        """The value of the marker a record holds: its coordinates."""
-        return coordinates(self.topic_key(at.topic), at.partition, at.offset)
+        """The coordinates a record's marker holds."""
+        return compact_coordinates(self.topic_key(at.topic), at.partition, at.offset)
 
     def pending(self, topic: str, partition: int) -> bytes:
         return pending_key(self.prefix, self.topic_key(topic), partition)

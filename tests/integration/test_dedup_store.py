@@ -4,8 +4,10 @@ user."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as redis_async
@@ -13,8 +15,18 @@ from pydantic import SecretStr
 
 from sink.config import DedupConfig
 from sink.errors import RedisUnavailable
-from sink.stores.dedup import RedisDedup, open_store
-from sink.stores.keys import coordinates, identity_key, pending_key
+from sink.pipeline.decode import Event
+from sink.stores.dedup import Grouping, RedisDedup, keep, open_store
+from sink.stores.dedup_groups import DROP, GroupedDedup
+from sink.stores.keys import (
+    DedupKeys,
+    compact_coordinates,
+    coordinates,
+    group_key,
+    groups_since_key,
+    identity_key,
+    pending_key,
+)
 from tests.conftest import Services
 
 
@@ -179,11 +191,16 @@ async def test_an_acl_user_with_only_the_commands_the_store_needs(
     server then works as before, its replicas unknown."""
     user, password = f"dedup_{uid}", f"pw-{uid}"
     allowed = ["+set", "+get", "+mget", "+del", "+eval", "+evalsha", "+script", "+ping"]
+    # The groups layout's commands, and those its scripts call.
+    allowed += ["+hsetnx", "+hget", "+hgetall", "+hset", "+hdel", "+hlen", "+hincrby", "+expire"]
     await client.execute_command(
         "ACL", "SETUSER", user, "on", f">{password}", f"~{prefix.decode()}*", *allowed
     )
     config = DedupConfig(
-        redis_url=SecretStr(services.redis), username=user, password=SecretStr(password)
+        redis_url=SecretStr(services.redis),
+        username=user,
+        password=SecretStr(password),
+        key_prefix=prefix.decode(),
     )
     store = open_store(config, 2.0)
     keys, mine = _keys(prefix, 3, "u"), _coords("orders", 9, 3)
@@ -195,3 +212,175 @@ async def test_an_acl_user_with_only_the_commands_the_store_needs(
     finally:
         await store.close()
         await client.execute_command("ACL", "DELUSER", user)
+
+
+# ---------------------------------------------------------------------------------------------
+# groups layout
+
+
+def _grouped(services: Services, prefix: bytes, **more: Any) -> GroupedDedup:
+    config = DedupConfig(
+        redis_url=SecretStr(services.redis), key_prefix=prefix.decode(), layout="groups", **more
+    )
+    store = open_store(config, 2.0)
+    assert isinstance(store, GroupedDedup)
+    return store
+
+
+def _compact(topic: str, partition: int, n: int, first: int = 0) -> list[bytes]:
+    return [compact_coordinates(topic, partition, first + i) for i in range(n)]
+
+
+def _event(event_id: str, topic: str, partition: int, offset: int) -> Event:
+    return Event("ns", event_id, "t", "src", "", 0, "{}", "", topic, partition, offset, 0)
+
+
+async def _group_keys(client: redis_async.Redis, prefix: bytes, groups: int) -> list[bytes]:
+    """The groups that exist (no SCAN: the shared Redis holds other tests' keys)."""
+    return [
+        group_key(prefix, n) for n in range(groups) if await client.exists(group_key(prefix, n))
+    ]
+
+
+async def test_groups_claims_replays_duplicates_and_pending_ranges(
+    services: Services, client: redis_async.Redis, prefix: bytes
+) -> None:
+    store = _grouped(services, prefix, groups=64)
+    n = 10_003  # more than one write; 64 groups of some 156 fields: also the hash encoding
+    keys = _keys(prefix, n, "g")
+    mine, theirs = _compact("orders", 0, n), _compact("orders", 1, n)
+    pending = {pending_key(prefix, "orders", 0): b"0:10002:1:2"}
+    try:
+        assert await store.claim(keys, mine, pending) == mine  # all new
+        assert await store.claim(keys, mine) == mine  # our own replay recognises its claims
+        assert await store.claim(keys, theirs) == mine  # a duplicate from another partition
+        fresh = _keys(prefix, 3, "h")
+        both = [keys[0], *fresh, keys[n - 1]]
+        held = await store.claim(both, theirs[:5])
+        assert held == [mine[0], *theirs[1:4], mine[n - 1]]
+        assert await store.pending(list(pending)) == [b"0:10002:1:2"]
+        groups = await _group_keys(client, prefix, 64)
+        assert 0 < len(groups) <= 64
+        assert sum([await client.hlen(g) for g in groups]) == n + 3
+    finally:
+        await store.close()
+
+
+async def test_groups_keep_the_listpack_encoding_when_sized_for_the_identities(
+    services: Services, client: redis_async.Redis, prefix: bytes
+) -> None:
+    store = _grouped(services, prefix, groups=100)
+    try:
+        await store.claim(_keys(prefix, 3_200, "s"), _compact("orders", 0, 3_200))
+        groups = await _group_keys(client, prefix, 100)
+        encodings = {await client.object("encoding", g) for g in groups}
+        assert encodings == {b"listpack"}
+    finally:
+        await store.close()
+
+
+async def test_groups_release_deletes_only_fields_held_by_the_releasing_record(
+    services: Services, prefix: bytes
+) -> None:
+    store = _grouped(services, prefix, groups=8)
+    keys = _keys(prefix, 4, "r")
+    mine, theirs = _compact("orders", 2, 4), _compact("orders", 3, 4)
+    try:
+        assert await store.claim(keys, mine) == mine
+        assert await store.release(keys[:2], theirs[:2]) == 0
+        assert await store.release(keys[:2], mine[:2]) == 2
+        assert await store.release(keys[:1], mine[:1]) == 0
+        # A corrected resend claims the released identities anew; the others stay held.
+        assert await store.claim(keys, theirs) == [*theirs[:2], *mine[2:]]
+    finally:
+        await store.close()
+
+
+async def test_groups_forget_an_identity_at_the_ttl_and_the_sweep_frees_it(
+    services: Services, client: redis_async.Redis, prefix: bytes
+) -> None:
+    """A decision honours the TTL (the field's claim time, in whole seconds, read back: an
+    identity is forgotten between 1 and 2 s after the TTL, never before); the sweep then deletes
+    what expired, and what it leaves keeps its groups alive for ttl + 2 x sweep_every."""
+    store = _grouped(services, prefix, groups=4, ttl=2, sweep_every=2)
+    keys = _keys(prefix, 40, "x")
+    early, late = keys[:20], keys[20:]
+    mine, theirs = _compact("orders", 4, 40), _compact("orders", 5, 40)
+    try:
+        assert await store.claim(early, mine[:20]) == mine[:20]
+        assert await store.claim(early, theirs[:20]) == mine[:20]  # within the TTL: duplicates
+        await asyncio.sleep(3.1)
+        # The early ones were claimed more than 3 s ago: forgotten, claimed by the newcomers.
+        assert await store.claim(keys, theirs) == theirs
+        assert await store.claim(late, mine[20:]) == theirs[20:]
+        swept = await store.sweep(4)
+        assert (swept.groups, swept.dropped) == (4, 0)
+        for group in await _group_keys(client, prefix, 4):
+            assert 0 < await client.ttl(group) <= 2 + 2 * 2
+        await asyncio.sleep(3.1)
+        swept = await store.sweep(4)
+        assert (swept.groups, swept.dropped) == (4, 40)
+        assert await _group_keys(client, prefix, 4) == []
+        assert (await store.sweep(4)).groups == 0  # the next round is not due for 2 s
+    finally:
+        await store.close()
+
+
+async def test_groups_sweep_leaves_a_field_claimed_again_since_it_read_it(
+    services: Services, client: redis_async.Redis, prefix: bytes
+) -> None:
+    """A field the sweep read as expired and a claim took over since is not dropped: the
+    group's version moved."""
+    store = _grouped(services, prefix, groups=1, ttl=1)
+    keys = _keys(prefix, 2, "v")
+    mine, theirs = _compact("orders", 6, 2), _compact("orders", 7, 2)
+    try:
+        assert await store.claim(keys, mine) == mine
+        await asyncio.sleep(2.1)  # more than the TTL in whole seconds
+        group = group_key(prefix, 0)
+        fields = await client.hgetall(group)
+        read = [f for f in fields if f != b"~v"]
+        assert await store.claim(keys[:1], theirs[:1]) == theirs[:1]  # taken over
+        stale = await client.evalsha(DROP.sha, 1, group, b"", b"60", *read)  # type: ignore[misc]
+        assert stale == -1
+        assert await store.claim(keys, theirs) == [theirs[0], theirs[1]]
+    finally:
+        await store.close()
+
+
+async def test_groups_read_old_layout_markers_for_a_ttl_after_the_upgrade(
+    services: Services, client: redis_async.Redis, prefix: bytes
+) -> None:
+    """With legacy_reads, an identity the keys layout holds is answered by its marker (text
+    coordinates, as written before they were binary): a replay of the record that claimed it is
+    kept, a duplicate dropped; the window ends one TTL after the layout's first claim."""
+    keys = _keys(prefix, 3, "o")
+    await client.set(keys[0], b"orders:0:7", ex=600)
+    await client.set(keys[1], compact_coordinates("orders", 0, 8), ex=600)
+    store = _grouped(services, prefix, groups=4, legacy_reads=True)
+    dedup_keys = DedupKeys(prefix)
+    try:
+        held = await store.claim(keys, _compact("orders", 9, 3))
+        assert held[0] == b"orders:0:7"
+        assert held[1:] == [
+            compact_coordinates("orders", 0, 8),
+            compact_coordinates("orders", 9, 2),
+        ]
+        rows = [_event("o-0", "orders", 0, 7), _event("o-0", "orders", 9, 0)]
+        grouping = Grouping(dedup_keys)
+        grouping.add(rows[:1])
+        assert keep(grouping.grouped, held[:1], dedup_keys) == rows[:1]  # own claim
+        grouping = Grouping(dedup_keys)
+        grouping.add(rows[1:])
+        assert keep(grouping.grouped, held[:1], dedup_keys) == []  # a duplicate
+        since = int(await client.get(groups_since_key(prefix)))
+        assert abs(since - time.time()) < 5
+        await client.set(groups_since_key(prefix), str(since - 10**7))
+        later = _grouped(services, prefix, groups=4, legacy_reads=True)
+        try:
+            # The window is over: the old marker is no longer read.
+            assert await later.claim(keys[:1], _compact("orders", 9, 1)) == _compact("orders", 9, 1)
+        finally:
+            await later.close()
+    finally:
+        await store.close()

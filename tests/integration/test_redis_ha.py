@@ -32,7 +32,8 @@ from sink.config import DedupConfig
 from sink.errors import RedisUnavailable
 from sink.stores.clickhouse.connection import ClickHouse
 from sink.stores.dedup import RedisDedup, open_store
-from sink.stores.keys import coordinates, identity_key
+from sink.stores.dedup_groups import GroupedDedup
+from sink.stores.keys import coordinates, group_key, group_number, identity_key
 from tests.conftest import STACK, Services
 from tests.integration.workload import (
     REGEX,
@@ -42,6 +43,8 @@ from tests.integration.workload import (
     topics_for,
     wait_landed,
 )
+
+Store = RedisDedup | GroupedDedup
 
 
 def _stack(*args: str) -> None:
@@ -118,16 +121,16 @@ def _keys(prefix: bytes, n: int, tag: str) -> list[bytes]:
     return [identity_key(prefix, "ns", "src", f"{tag}-{i}") for i in range(n)]
 
 
-@pytest.fixture
-async def sentinel_store(services: Services) -> AsyncIterator[RedisDedup]:
-    store = open_store(_sentinel_config(replica_ack_timeout=0.5), 2.0)
-    assert isinstance(store, RedisDedup)
+@pytest.fixture(params=["groups", "keys"])
+async def sentinel_store(services: Services, request: Any) -> AsyncIterator[Store]:
+    store = open_store(_sentinel_config(replica_ack_timeout=0.5, layout=request.param), 2.0)
+    assert isinstance(store, RedisDedup | GroupedDedup)
     yield store
     await store.close()
 
 
 async def test_a_claim_waits_for_a_replica_and_fails_without_one(
-    services: Services, sentinel_store: RedisDedup, uid: str
+    services: Services, sentinel_store: Store, uid: str
 ) -> None:
     """Replicas frozen: the claim is not acknowledged and fails (nothing may be inserted on
     it); once they run again the same claim, retried, finds its own markers."""
@@ -149,7 +152,7 @@ async def test_a_claim_waits_for_a_replica_and_fails_without_one(
 
 
 async def test_a_demoted_master_is_left_for_the_new_one(
-    services: Services, sentinel_store: RedisDedup, uid: str
+    services: Services, sentinel_store: Store, uid: str
 ) -> None:
     """A failover that leaves the old master running (now a replica): the store's connection
     to it fails once, and the next claim goes to the master the sentinels name now."""
@@ -380,20 +383,28 @@ async def _migrate_slot(owner: redis_async.Redis, to: str, slot: int) -> None:
         await owner.execute_command("MIGRATE", host, port, "", 0, 5000, "KEYS", *keys)
 
 
-async def test_claims_follow_a_slot_migration_by_ask_and_moved(uid: str) -> None:
+@pytest.mark.parametrize("layout", ["groups", "keys"])
+async def test_claims_follow_a_slot_migration_by_ask_and_moved(uid: str, layout: str) -> None:
     """A slot set MIGRATING/IMPORTING by hand: keys not yet on the old owner are claimed on the
     new one (ASK); once the slot is assigned to the new owner, everything goes there (MOVED),
-    and every claim finds its holder."""
+    and every claim finds its holder. In the groups layout the slot is that of the identities'
+    groups (each in a group of its own)."""
     nodes = _cluster_nodes()
-    store = open_store(_cluster_config(), 2.0)
+    groups = 1 << 20
+    prefix = uid.encode()
+    config = _cluster_config(layout=layout, key_prefix=uid, groups=groups)
+    store = open_store(config, 2.0)
     masters = await _masters(nodes)
     (source, (source_id, ranges)), (target, (target_id, _)) = list(masters.items())[:2]
     slot = ranges[0][0] + random.randrange(ranges[0][1] - ranges[0][0])
-    prefix = uid.encode()
-    keys = []
+    keys: list[bytes] = []
+    seen: set[int] = set()
     for i in itertools.count():
         key = identity_key(prefix, "ns", "src", f"m-{i}")
-        if key_slot(key) == slot:
+        number = group_number(key, groups)
+        where = key if layout == "keys" else group_key(prefix, number)
+        if key_slot(where) == slot and number not in seen:
+            seen.add(number)
             keys.append(key)
             if len(keys) == 4:
                 break

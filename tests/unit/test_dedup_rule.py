@@ -16,7 +16,7 @@ from sink.pipeline.batch import Item
 from sink.pipeline.decode import Event
 from sink.stores import dedup
 from sink.stores.dedup import Grouping, MemoryDedup, group, keep
-from sink.stores.keys import DedupKeys, coordinates, identity_key
+from sink.stores.keys import DedupKeys, compact_coordinates, coordinates, identity_key
 from tests.items import as_item
 
 PREFIX = b"sink:dedup:"
@@ -61,7 +61,7 @@ async def test_new_identities_are_kept(store: MemoryDedup) -> None:
 async def test_marker_holds_the_claiming_coordinates(store: MemoryDedup) -> None:
     await run(store, [item("a", topic="t", partition=3, offset=17)])
     key = identity_key(PREFIX, "acme", "api", "a")
-    assert store.markers == {key: b"t:3:17"}
+    assert store.markers == {key: compact_coordinates("t", 3, 17)}
 
 
 async def test_own_replay_is_kept(store: MemoryDedup) -> None:
@@ -135,7 +135,10 @@ def test_group_claims_only_the_first_occurrence() -> None:
         identity_key(PREFIX, "acme", "api", "a"),
         identity_key(PREFIX, "acme", "api", "b"),
     ]
-    assert grouped.coords == [coordinates(a1.topic, 0, 1), coordinates(b.topic, 0, 2)]
+    assert grouped.coords == [
+        compact_coordinates(a1.topic, 0, 1),
+        compact_coordinates(b.topic, 0, 2),
+    ]
     assert grouped.firsts == [a1, b]
     assert grouped.repeats == {0: [a2, a3]}
 
@@ -172,7 +175,7 @@ def test_coordinates_follow_each_item_across_partitions_and_topics() -> None:
     for one in batch:
         grouping.add([one])
     assert grouping.grouped.coords == [
-        coordinates(f"k{i.topic}", i.partition, i.offset) for i in batch
+        compact_coordinates(f"k{i.topic}", i.partition, i.offset) for i in batch
     ]
     assert grouping.grouped == group(batch, DedupKeys(PREFIX, lambda topic: f"k{topic}"))
 
@@ -180,7 +183,10 @@ def test_coordinates_follow_each_item_across_partitions_and_topics() -> None:
 async def test_in_batch_repeats_keep_only_the_first(store: MemoryDedup) -> None:
     a1, a2, b = item("a", offset=1), item("a", offset=2), item("b", offset=3)
     assert await run(store, [a1, a2, b]) == [a1, b]
-    assert set(store.markers.values()) == {b"om_acme_events:0:1", b"om_acme_events:0:3"}
+    assert set(store.markers.values()) == {
+        compact_coordinates("om_acme_events", 0, 1),
+        compact_coordinates("om_acme_events", 0, 3),
+    }
     # the whole batch replayed: the same first occurrence is kept again
     assert await run(store, [a1, a2, b]) == [a1, b]
 
@@ -192,9 +198,9 @@ async def test_replay_with_changed_order_keeps_the_marker_holder(store: MemoryDe
     assert await run(store, [a_p0, a_p1]) == [a_p0]
     # crash before the insert; the replay fetches p1 before p0
     grouped = group([a_p1, a_p0], KEYS)
-    assert grouped.coords == [coordinates(a_p1.topic, 1, 7)]
+    assert grouped.coords == [compact_coordinates(a_p1.topic, 1, 7)]
     holders = await store.claim(grouped.keys, grouped.coords)
-    assert holders == [coordinates(a_p0.topic, 0, 5)]
+    assert holders == [compact_coordinates(a_p0.topic, 0, 5)]
     assert keep(grouped, holders, KEYS) == [a_p0]
 
 
@@ -231,10 +237,11 @@ async def test_release_deletes_only_markers_held_by_the_given_coordinates(
     a, b = item("a", offset=1), item("b", offset=2)
     await run(store, [a, b])
     key_a, key_b = (identity_key(PREFIX, "acme", "api", i) for i in ("a", "b"))
-    released = await store.release([key_a, key_b], [b"om_acme_events:0:1", b"other:0:2"])
+    mine, other = compact_coordinates("om_acme_events", 0, 1), compact_coordinates("other", 0, 2)
+    released = await store.release([key_a, key_b], [mine, other])
     assert released == 1
     assert key_a not in store.markers
-    assert store.markers[key_b] == b"om_acme_events:0:2"
+    assert store.markers[key_b] == compact_coordinates("om_acme_events", 0, 2)
 
 
 async def test_release_of_absent_marker_is_a_no_op(store: MemoryDedup) -> None:
