@@ -30,14 +30,15 @@ ANCESTOR_RULES: list[tuple[str, Any]] = [
 
 # Innermost match wins.
 LEAF_RULES: list[tuple[str, Any]] = [
-    ("decode + validate (sink/pipeline/decode.py, orjson, RFC 3339)", lambda f, fn: f.endswith(
-        "sink/pipeline/decode.py")),
+    ("decode + validate (sink/pipeline/decode.py, binary.py, orjson, RFC 3339)",
+     lambda f, fn: f.endswith("sink/pipeline/decode.py") or f.endswith("sink/pipeline/binary.py")),
     ("dedup: hashing, grouping, keep (sink/stores/dedup.py)", lambda f, fn: f.endswith(
         "sink/stores/dedup.py")
      and fn in ("identity_key", "coordinates", "group", "Grouping.add", "framing", "keep",
                 "pending_key")),
     ("dedup: redis client (claim commands, RESP)", lambda f, fn: "/redis/" in f
-     or f.endswith("sink/stores/dedup.py")),
+     or f.endswith("sink/stores/dedup.py") or f.endswith("sink/stores/dedup_groups.py")
+     or f.endswith("sink/stores/dedup_cluster.py")),
     ("column building (event_columns)", lambda f, fn: f.endswith(
         "sink/stores/clickhouse/schema.py") and fn.startswith("event_columns")),
     ("ClickHouse insert/query: asynch serialisation + protocol", lambda f, fn: "/asynch/" in f
@@ -46,7 +47,7 @@ LEAF_RULES: list[tuple[str, Any]] = [
     ("worker: batching, bookkeeping (worker/batch/offsets)", lambda f, fn: any(
         f.endswith(f"sink/pipeline/{m}.py") for m in ("worker", "batch", "offsets", "consumer",
                                                       "landing", "fencing", "positioning",
-                                                      "retry"))),
+                                                      "retry", "intake", "flow"))),
 ]  # fmt: skip
 EVENT_LOOP = "event loop: uvloop's C code (polling, socket reads/writes; shows as Runner.run)"
 

@@ -241,10 +241,10 @@ async def main(args: argparse.Namespace) -> int:
         if "latency" in args.only:
             doc["latency"] = await latency(args, services, spec, workdir, m, notes)
         if args.profile:
-            # The last workload (mixed, when it runs): the shape the worker sees in production.
-            doc["profile_md"], doc["profile"] = await profile(
-                args, services, workloads[-1], workdir
-            )
+            # The mixed workload when it runs: the shape the worker sees in production.
+            shapes = [w.spec.shape for w in workloads]
+            profiled = workloads[shapes.index("mixed") if "mixed" in shapes else -1]
+            doc["profile_md"], doc["profile"] = await profile(args, services, profiled, workdir)
     finally:
         log("cleaning up")
         await cleanup(services, tag)
