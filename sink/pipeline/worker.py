@@ -302,7 +302,7 @@ class Worker:
         # 5. Landed offsets of ranges that gave no row (duplicates, dead letters) are written
         #    directly: a restart starts after them.
         tail = batch.tail_offsets(landed)
-        await self.retry(lambda: landing.offsets.record(tail), batch)
+        await self.retry(lambda: landing.offsets.record(tail, landing.insert_settings), batch)
         self.assignments.advance({tp: r.last for tp, r in batch.ranges.items()})
         # 6. Kafka offsets (last + 1) are committed: only the fallback position, ClickHouse's
         #    landed offsets are the truth.

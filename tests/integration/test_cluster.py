@@ -342,6 +342,90 @@ def _at(c: Cluster, node: Node) -> ClickHouse:
     return c.connect(node.address)
 
 
+async def test_rows_of_a_quorum_insert_not_yet_decided_do_not_count_as_landed(
+    services: Services, cluster: Cluster, sink_config: Callable[..., Path], uid: str
+) -> None:
+    """An insert whose quorum wait timed out (code 319) leaves its part on the replica that
+    took it, pending. If that replica dies before another fetched the part, the quorum fails
+    and the part is dropped when the replica comes back: its rows never landed. So a lookup
+    of what landed waits while the quorum is pending, instead of counting the rows."""
+    if services.control is None:
+        pytest.skip("needs the local stack's control script to kill a node")
+    from sink.app import migrate
+    from sink.config import load
+    from sink.errors import ClickHouseUnavailable
+    from sink.stores.clickhouse.quorum import Undecided
+
+    await migrate(load(_cluster_config(sink_config, cluster, uid), {}))
+    first_address, second_address = cluster.shards[0]
+    first, second = cluster.connect(first_address), cluster.connect(second_address)
+    topic = f"t_{uid}"
+    rows = [
+        ("ns", f"e{i}", "t", "s", "", 1_700_000_000, "{}", 1_700_000_000, "", topic, 0, i)
+        for i in range(50)
+    ]
+    columns = [list(col) for col in zip(*rows, strict=True)]
+    host, port = first_address.rsplit(":", 1)
+    replica_one = Shard(0, [Node(1, 1, host, int(port))], partial(_at, cluster), replicated=True)
+    store = OffsetStore(replica_one, "sink_offsets")
+    span, bounds = {(topic, 0): Span(0, 49)}, (1_699_999_999, 1_700_000_001)
+    # Replica 2 fetches nothing, so the quorum of 2 cannot be reached in the second given.
+    await second.execute("SYSTEM STOP FETCHES")
+    try:
+        with pytest.raises(ClickHouseUnavailable, match="319"):
+            await first.insert_columns(
+                "events",
+                EVENT_COLUMNS,
+                columns,
+                {"insert_quorum": 2, "insert_quorum_timeout": 1000},
+            )
+        [(shown,)] = await first.query(f"SELECT count() FROM {cluster.database}.events")
+        assert shown == 50  # replica 1 shows the rows ...
+        with pytest.raises(Undecided, match="quorum"):
+            await store.present("events", span, bounds)  # ... but they do not count yet
+        # The insert stopped at the raw table's quorum wait: its views never ran.
+        assert await store.landed([topic]) == {}
+        await replica_one.close()
+        # Replica 1 dies before the part was fetched: once its ZooKeeper session expired,
+        # replica 2 finds nobody to fetch it from and the quorum fails.
+        _stack("kill", "clickhouse-1-1")
+        try:
+            await second.execute("SYSTEM START FETCHES")
+            zookeeper_path = await _zookeeper_path(cluster, second_address, "events")
+            deadline = time.monotonic() + 60
+            while not await second.query(
+                "SELECT name FROM system.zookeeper "
+                f"WHERE path = '{zookeeper_path}/quorum/failed_parts'"
+            ):
+                assert time.monotonic() < deadline, "the quorum never failed"
+                await asyncio.sleep(0.5)
+        finally:
+            _stack("up", "clickhouse-1-1")
+    finally:
+        await second.execute("SYSTEM START FETCHES")
+    # Back up, replica 1 dropped the part: the rows it showed are gone, and the lookup that
+    # declined to count them now says so.
+    [(shown,)] = await _one(
+        cluster, first_address, f"SELECT count() FROM {cluster.database}.events"
+    )
+    assert shown == 0
+    assert await store.present("events", span, bounds) == set()
+    assert await store.landed([topic]) == {}
+    for ch in (first, second):
+        await ch.close()
+    await replica_one.close()
+
+
+async def _zookeeper_path(c: Cluster, address: str, table: str) -> str:
+    [(path,)] = await _one(
+        c,
+        address,
+        "SELECT zookeeper_path FROM system.replicas "
+        f"WHERE database = '{c.database}' AND table = '{table}'",
+    )
+    return str(path)
+
+
 async def test_a_cluster_unknown_to_the_servers_is_refused_before_anything_is_written(
     cluster: Cluster, sink_config: Callable[..., Path], run_sink: Callable[..., Any], uid: str
 ) -> None:

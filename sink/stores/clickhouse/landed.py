@@ -6,6 +6,11 @@ On a cluster each partition's ledger is on its shard (sink.stores.clickhouse.sha
 `ShardedOffsets` asks the shard of each partition. Before it looks for the coordinates of an
 insert whose outcome is unknown, the replica asked first fetches every part its shard has
 committed (`Shard.sync`): an insert another replica took is then seen, not inserted twice.
+
+On replicated tables both lookups (the landed offsets, and the coordinates already in the raw
+table) count only rows of parts that are there to stay (`sink.stores.clickhouse.quorum`): a
+replica also shows the part of an insert whose quorum is still pending or has failed, and a
+failed part is detached later. Counted as landed, its rows would be skipped and then lost.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, Protocol
 
 from sink.coordinates import Coordinates, Span, TopicPartition
 from sink.stores.clickhouse.connection import Database
+from sink.stores.clickhouse.quorum import Undecided, lasting_parts
 from sink.stores.clickhouse.shards import Shard
 from sink.stores.clickhouse.sql import quote
 
@@ -47,16 +53,48 @@ class OffsetStore:
         self.ch = ch
         self.table = offsets_table
         self.keys = keys or PlainNames()
+        self.replicated = ch if isinstance(ch, Shard) and ch.replicated else None
+        """The shard, when its tables are replicated: reads then count only lasting parts."""
 
-    async def landed(self, topics: Sequence[str]) -> dict[TopicPartition, int]:
+    async def _lasting(
+        self, shard: Shard, table: str, node: object, rows: list[tuple[Any, ...]]
+    ) -> list[tuple[Any, ...]]:
+        """`rows` (their last column `_part`) of the parts there to stay. The rows were read on
+        `node`, the replica whose parts are then checked: it must still be the one asked."""
+        lasting = await lasting_parts(shard, table, {str(r[-1]) for r in rows})
+        if shard.node != node:
+            raise Undecided(f"{table}: the replica changed while its parts were checked")
+        return [r for r in rows if str(r[-1]) in lasting]
+
+    async def landed(
+        self, topics: Sequence[str], partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, int]:
+        """The landed offset of each partition of `topics` (only of `partitions`, if given)."""
         if not topics:
             return {}
         names = ", ".join(quote(self.keys.key(t)) for t in sorted(set(topics)))
+        table = self.ch.table(self.table)
+        shard = self.replicated
+        if shard is not None:  # every part another replica took, quorum-acknowledged included
+            await shard.sync(self.table)
+        node = shard.node if shard is not None else None
+        by = "topic, kafka_partition, _part" if shard is not None else "topic, kafka_partition"
         rows = await self.ch.query(
-            f"SELECT topic, kafka_partition, max(landed_offset) FROM {self.ch.table(self.table)} "
-            f"WHERE topic IN ({names}) GROUP BY topic, kafka_partition"
+            f"SELECT {by}, max(landed_offset) FROM {table} WHERE topic IN ({names}) GROUP BY {by}"
         )
-        return {(self.keys.name(str(t)), int(p)): int(o) for t, p, o in rows}
+        wanted = None if partitions is None else set(partitions)
+        rows = [
+            (self.keys.name(str(r[0])), int(r[1]), *r[2:])
+            for r in rows
+            if wanted is None or (self.keys.name(str(r[0])), int(r[1])) in wanted
+        ]
+        if shard is not None:  # (topic, partition, part, offset): the part goes last
+            rows = [(t, p, o, part) for t, p, part, o in rows]
+            rows = await self._lasting(shard, self.table, node, rows)
+        out: dict[TopicPartition, int] = {}
+        for t, p, o, *_ in rows:
+            out[(t, p)] = max(out.get((t, p), -1), int(o))
+        return out
 
     async def present(
         self,
@@ -75,17 +113,25 @@ class OffsetStore:
             for (t, p), (first, last) in sorted(ranges.items())
         )
         low, high = time_bounds
-        if isinstance(self.ch, Shard):
-            await self.ch.sync(events_table)
+        shard = self.replicated
+        if shard is not None:
+            await shard.sync(events_table)
+        node = shard.node if shard is not None else None
         rows = await self.ch.query(
-            f"SELECT _topic, _partition, _offset FROM {self.ch.table(events_table)} "
+            f"SELECT _topic, _partition, _offset{', _part' if shard is not None else ''} "
+            f"FROM {self.ch.table(events_table)} "
             f"WHERE time >= toDateTime({int(low)}) AND time < toDateTime({int(high) + 1}) "
             f"AND ({which})"
         )
-        return {Coordinates(self.keys.name(str(t)), int(p), int(o)) for t, p, o in rows}
+        if shard is not None:
+            rows = await self._lasting(shard, events_table, node, rows)
+        return {Coordinates(self.keys.name(str(r[0])), int(r[1]), int(r[2])) for r in rows}
 
-    async def record(self, landed: Mapping[TopicPartition, int]) -> None:
-        """Write offsets of ranges that produced no raw rows (duplicates, dead letters)."""
+    async def record(
+        self, landed: Mapping[TopicPartition, int], settings: Mapping[str, Any] | None = None
+    ) -> None:
+        """Write offsets of ranges that produced no raw rows (duplicates, dead letters), with
+        the inserts' `settings` (their quorum)."""
         if not landed:
             return
         items = sorted(landed.items())
@@ -94,7 +140,7 @@ class OffsetStore:
             [p for (_, p), _ in items],
             [o for _, o in items],
         ]
-        await self.ch.insert_columns(self.table, OFFSET_COLUMNS, data)
+        await self.ch.insert_columns(self.table, OFFSET_COLUMNS, data, settings)
 
 
 class ShardedOffsets:
@@ -135,7 +181,7 @@ class ShardedOffsets:
         """The landed offset of each of `tps` that has one."""
         out: dict[TopicPartition, int] = {}
         for shard, group in self._to_read(tps).items():
-            landed = await self.stores[shard].landed(sorted({t for t, _ in group}))
+            landed = await self.stores[shard].landed(sorted({t for t, _ in group}), group)
             for tp in group:
                 if tp in landed and landed[tp] > out.get(tp, -1):
                     out[tp] = landed[tp]
@@ -153,8 +199,10 @@ class ShardedOffsets:
             found |= await self.stores[shard].present(events_table, mine, time_bounds)
         return found
 
-    async def record(self, landed: Mapping[TopicPartition, int]) -> None:
+    async def record(
+        self, landed: Mapping[TopicPartition, int], settings: Mapping[str, Any] | None = None
+    ) -> None:
         # One shard after another (each store has one connection): a retry after a failure
         # writes again what was written, which the ledger's max() makes harmless.
         for shard, group in self._by_shard(landed).items():
-            await self.stores[shard].record({tp: landed[tp] for tp in group})
+            await self.stores[shard].record({tp: landed[tp] for tp in group}, settings)
