@@ -88,6 +88,12 @@ class Metrics:
             ["dependency", "kind"],
             registry=r,
         )
+        self.views_in_doubt = Counter(
+            "sink_views_in_doubt_rows",
+            "Rows of an insert with an unknown outcome found landed in the raw table: the "
+            "views (meters) may not have seen them (README, 'Known gap: meters after a 319')",
+            registry=r,
+        )
         self.dedup_bypassed = Counter(
             "sink_dedup_bypassed",
             "Events landed without dedup because Redis failed (on_error=allow-duplicates)",
