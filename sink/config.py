@@ -241,7 +241,12 @@ class ClickHouseConfig(_Section):
     insert_quorum: int | None = Field(default=None, ge=0)
     """Replicas that must have a batch before its insert is acknowledged; default 2 when every
     shard has 2 or more replicas, else none (0)."""
-    insert_quorum_timeout: Duration = 20.0
+    insert_quorum_timeout: Duration = 600.0
+    """How long the server waits for the quorum before it answers 319 (unknown status). Kept
+    long on purpose: ClickHouse runs the views (meters, landed offsets) only after the raw
+    table's quorum is reached, and a 319 skips them. The worker itself stops waiting after
+    `query_timeout` and then checks what landed, while the server goes on and, once the
+    quorum is reached, runs the views."""
 
     @field_validator("cluster")
     @classmethod

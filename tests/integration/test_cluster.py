@@ -649,6 +649,70 @@ async def test_meters_on_the_cluster_equal_a_python_computation(
         await ch.close()
 
 
+async def test_meters_stay_exact_when_a_replica_is_killed_during_inserts(
+    services: Services,
+    cluster: Cluster,
+    make_topics: Callable[..., Any],
+    sink_config: Callable[..., Path],
+    run_sink: Callable[..., Any],
+    producer: AIOKafkaProducer,
+    uid: str,
+) -> None:
+    """With the default (long) quorum wait, an insert that a replica's death holds up waits
+    for the replica instead of failing with 319 before the views ran: the meters count every
+    event once."""
+    if services.control is None:
+        pytest.skip("needs the local stack's control script to kill a node")
+    from tests.integration.test_meters import METERS, expected, generate, observed, send
+
+    topic = f"om_acme_{uid}"
+    partitions = next(
+        n for n in range(4, 64) if {shard_of_partition(topic, p, 2) for p in range(n)} == {0, 1}
+    )
+    await make_topics(topic, partitions=partitions)
+    events = generate(topic, 3000, seed=9)
+    worker = run_sink(
+        sink_config(
+            meters=METERS[:1],
+            clickhouse={"url": cluster.url(), "cluster": cluster.name},
+            batch={"max_rows": 200, "max_wait": "100ms"},
+            worker={"retry_max": "1s"},
+        )
+    )
+
+    async def trickle() -> dict[Any, int]:
+        last: dict[Any, int] = {}
+        for i in range(0, len(events), 100):
+            last.update(await send(producer, events[i : i + 100]))
+            await asyncio.sleep(0.3)
+        return last
+
+    sender = asyncio.create_task(trickle())
+    await _landing(worker, cluster, time.monotonic() + 90)
+    _stack("kill", "clickhouse-1-2")
+    try:
+        await asyncio.sleep(5)
+    finally:
+        _stack("up", "clickhouse-1-2")
+    ends = await sender
+    await wait_cluster_landed(cluster, ends, 180, lambda: worker.running)
+    assert worker.stop() == 0
+    assert "meters may miss them" not in worker.logs()
+
+    from sink.metering import usage
+    from sink.metering.meters import Meter
+
+    meter = Meter.model_validate(METERS[0])
+    ch = cluster.connect(cluster.shards[0][0])
+    try:
+        rows = await usage.query(
+            ch, meter, namespace="acme", window="MINUTE", group_by=["route"], cluster=cluster.name
+        )
+    finally:
+        await ch.close()
+    assert observed(rows, ["route"]) == expected(events, meter, "acme", "MINUTE", "UTC", ["route"])
+
+
 async def test_a_change_in_the_number_of_shards_neither_replays_nor_skips(
     cluster: Cluster,
     make_topics: Callable[..., Any],
