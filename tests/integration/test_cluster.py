@@ -564,6 +564,47 @@ async def test_a_replica_frozen_past_the_quorum_timeout_loses_and_doubles_nothin
     assert proc.stop() == 0
 
 
+async def _topic_on_both_shards(make_topics: Callable[..., Any], uid: str) -> str:
+    """A topic with enough partitions that both shards hold some (the rule hashes its name)."""
+    topic = f"om_acme_{uid}"
+    partitions = next(
+        n for n in range(4, 64) if {shard_of_partition(topic, p, 2) for p in range(n)} == {0, 1}
+    )
+    await make_topics(topic, partitions=partitions)
+    return topic
+
+
+async def _trickle(producer: AIOKafkaProducer, events: list[Any], chunk: int) -> dict[Any, int]:
+    """`events` sent `chunk` at a time, 0.3 s apart; the last offset of each partition."""
+    from tests.integration.test_meters import send
+
+    last: dict[Any, int] = {}
+    for i in range(0, len(events), chunk):
+        last.update(await send(producer, events[i : i + chunk]))
+        await asyncio.sleep(0.3)
+    return last
+
+
+async def _assert_meter_exact(
+    c: Cluster, spec: dict[str, Any], events: list[Any], group: str
+) -> None:
+    """The meter's usage per minute, read through the Distributed meter tables, equals the
+    Python computation over `events`."""
+    from sink.metering import usage
+    from sink.metering.meters import Meter
+    from tests.integration.test_meters import expected, observed
+
+    meter = Meter.model_validate(spec)
+    ch = c.connect(c.shards[0][0])
+    try:
+        rows = await usage.query(
+            ch, meter, namespace="acme", window="MINUTE", group_by=[group], cluster=c.name
+        )
+    finally:
+        await ch.close()
+    assert observed(rows, [group]) == expected(events, meter, "acme", "MINUTE", "UTC", [group])
+
+
 async def test_meters_on_the_cluster_equal_a_python_computation(
     cluster: Cluster,
     make_topics: Callable[..., Any],
@@ -574,14 +615,9 @@ async def test_meters_on_the_cluster_equal_a_python_computation(
 ) -> None:
     """A meter from the start, and one added while events flow: its backfill counts each
     shard's earlier rows once; both read through the Distributed meter tables."""
-    from tests.integration.test_meters import METERS, expected, generate, observed, send
+    from tests.integration.test_meters import METERS, generate, send
 
-    # Enough partitions that both shards hold some (the rule hashes the topic's name).
-    topic = f"om_acme_{uid}"
-    partitions = next(
-        n for n in range(4, 64) if {shard_of_partition(topic, p, 2) for p in range(n)} == {0, 1}
-    )
-    await make_topics(topic, partitions=partitions)
+    topic = await _topic_on_both_shards(make_topics, uid)
     first = generate(topic, 1500, seed=5)
     ends = await send(producer, first)
 
@@ -597,14 +633,8 @@ async def test_meters_on_the_cluster_equal_a_python_computation(
     await wait_cluster_landed(cluster, ends, 120, lambda: worker.running)
     later = generate(topic, 1500, seed=5, start=1500)
 
-    async def trickle() -> dict[Any, int]:
-        last: dict[Any, int] = {}
-        for i in range(0, len(later), 50):
-            last.update(await send(producer, later[i : i + 50]))
-            await asyncio.sleep(0.3)  # spans the migration: before and after the cutoff
-        return last
-
-    sender = asyncio.create_task(trickle())
+    # Sent over ~9 s: spans the migration, before and after the cutoff.
+    sender = asyncio.create_task(_trickle(producer, later, 50))
     migrate = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -622,22 +652,10 @@ async def test_meters_on_the_cluster_equal_a_python_computation(
     await wait_cluster_landed(cluster, ends, 120, lambda: worker.running)
     assert worker.stop() == 0
 
-    from sink.metering import usage
-    from sink.metering.meters import Meter
-
+    await _assert_meter_exact(cluster, METERS[0], first + later, "route")
+    await _assert_meter_exact(cluster, METERS[1], first + later, "model")
     ch = cluster.connect(cluster.shards[0][0])
     try:
-        for spec, events, group in (
-            (METERS[0], first + later, "route"),
-            (METERS[1], first + later, "model"),
-        ):
-            meter = Meter.model_validate(spec)
-            rows = await usage.query(
-                ch, meter, namespace="acme", window="MINUTE", group_by=[group], cluster=cluster.name
-            )
-            assert observed(rows, [group]) == expected(
-                events, meter, "acme", "MINUTE", "UTC", [group]
-            )
         # Each shard backfilled its own rows, on its own records.
         plans = await ch.query(
             f"SELECT version, state FROM {cluster.database}.schema_migrations "
@@ -663,13 +681,9 @@ async def test_meters_stay_exact_when_a_replica_is_killed_during_inserts(
     event once."""
     if services.control is None:
         pytest.skip("needs the local stack's control script to kill a node")
-    from tests.integration.test_meters import METERS, expected, generate, observed, send
+    from tests.integration.test_meters import METERS, generate
 
-    topic = f"om_acme_{uid}"
-    partitions = next(
-        n for n in range(4, 64) if {shard_of_partition(topic, p, 2) for p in range(n)} == {0, 1}
-    )
-    await make_topics(topic, partitions=partitions)
+    topic = await _topic_on_both_shards(make_topics, uid)
     events = generate(topic, 3000, seed=9)
     worker = run_sink(
         sink_config(
@@ -680,14 +694,7 @@ async def test_meters_stay_exact_when_a_replica_is_killed_during_inserts(
         )
     )
 
-    async def trickle() -> dict[Any, int]:
-        last: dict[Any, int] = {}
-        for i in range(0, len(events), 100):
-            last.update(await send(producer, events[i : i + 100]))
-            await asyncio.sleep(0.3)
-        return last
-
-    sender = asyncio.create_task(trickle())
+    sender = asyncio.create_task(_trickle(producer, events, 100))
     await _landing(worker, cluster, time.monotonic() + 90)
     _stack("kill", "clickhouse-1-2")
     try:
@@ -699,18 +706,7 @@ async def test_meters_stay_exact_when_a_replica_is_killed_during_inserts(
     assert worker.stop() == 0
     assert "meters may miss them" not in worker.logs()
 
-    from sink.metering import usage
-    from sink.metering.meters import Meter
-
-    meter = Meter.model_validate(METERS[0])
-    ch = cluster.connect(cluster.shards[0][0])
-    try:
-        rows = await usage.query(
-            ch, meter, namespace="acme", window="MINUTE", group_by=["route"], cluster=cluster.name
-        )
-    finally:
-        await ch.close()
-    assert observed(rows, ["route"]) == expected(events, meter, "acme", "MINUTE", "UTC", ["route"])
+    await _assert_meter_exact(cluster, METERS[0], events, "route")
 
 
 async def test_a_change_in_the_number_of_shards_neither_replays_nor_skips(
