@@ -170,12 +170,22 @@ def values_schema() -> dict[str, Any]:
                                 "clickhouseUrl": {"type": "string", "minLength": 1},
                                 "redisUrl": {"type": "string", "minLength": 1},
                                 "kafkaSaslPassword": {"type": "string", "minLength": 1},
+                                "redisPassword": {"type": "string", "minLength": 1},
+                                "redisSentinelPassword": {"type": "string", "minLength": 1},
                             },
-                            ["clickhouseUrl", "redisUrl", "kafkaSaslPassword"],
+                            [
+                                "clickhouseUrl",
+                                "redisUrl",
+                                "kafkaSaslPassword",
+                                "redisPassword",
+                                "redisSentinelPassword",
+                            ],
                         ),
                         "clickhouseUrl": {"type": "string", "pattern": "^(|clickhouses?://.+)$"},
                         "redisUrl": {"type": "string", "pattern": "^(|rediss?://.+|unix://.+)$"},
                         "kafkaSaslPassword": STRING,
+                        "redisPassword": STRING,
+                        "redisSentinelPassword": STRING,
                     }
                 ),
                 "terminationGracePeriodSeconds": {

@@ -361,6 +361,8 @@ must_fail "fails: typo in a config key" "additional properties 'group' not allow
   render neg5 --set config.kafka.group=x
 must_fail "fails: secret put in config" "would land in a ConfigMap" \
   render neg6 --set config.clickhouse.url=clickhouse://u:p@h:9000/d
+must_fail "fails: Redis password put in config" "config.dedup.password would land in a ConfigMap" \
+  render neg7 --set config.dedup.password=p
 
 check "docker-compose.yml" compose_check
 check "dashboard PromQL parses" "$VALIDATE" dashboard deploy/grafana/sink-dashboard.json

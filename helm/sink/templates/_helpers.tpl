@@ -54,7 +54,7 @@ app.kubernetes.io/component: worker
 {{- define "sink.secretName" -}}
 {{- if .Values.secrets.existingSecret }}
 {{- .Values.secrets.existingSecret }}
-{{- else if or .Values.secrets.clickhouseUrl .Values.secrets.redisUrl .Values.secrets.kafkaSaslPassword }}
+{{- else if or .Values.secrets.clickhouseUrl .Values.secrets.redisUrl .Values.secrets.kafkaSaslPassword .Values.secrets.redisPassword .Values.secrets.redisSentinelPassword }}
 {{- include "sink.fullname" . }}
 {{- end }}
 {{- end }}
@@ -121,11 +121,13 @@ seconds, or a number with one of the units ms, s, m, h, d.
 {{- if eq (include "sink.httpPort" . | int) 0 }}
 {{- fail "config.http.port must be a fixed port (not 0) in Kubernetes" }}
 {{- end }}
-{{- $secretKeys := dict "clickhouse" "url" "dedup" "redis_url" "kafka" "sasl_password" }}
-{{- range $section, $key := $secretKeys }}
+{{- $secretKeys := dict "clickhouse" (list "url") "dedup" (list "redis_url" "password" "sentinel_password") "kafka" (list "sasl_password") }}
+{{- range $section, $keys := $secretKeys }}
 {{- $values := include "sink.section" (dict "root" $ "name" $section) | fromJson }}
+{{- range $key := $keys }}
 {{- if hasKey $values $key }}
 {{- fail (printf "config.%s.%s would land in a ConfigMap: set it under secrets (or secrets.existingSecret) instead" $section $key) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if .Values.autoscaling.enabled }}
