@@ -215,9 +215,10 @@ class Landing:
         # server that failed after the raw part (code 319: a quorum wait) ran no view after it.
         self.metrics.views_in_doubt.inc(len(present))
         self.log.warning(
-            "rows of a failed insert had landed, not inserted again; meters may miss them",
+            "rows of a failed insert had landed, not inserted again",
             rows=len(present),
             ranges=describe(batch),
+            views="may have missed these rows",
         )
         return [r for r in rows if coordinates_of(r) not in present]
 
