@@ -145,9 +145,15 @@ class _Ledger:
         self._landed = landed
         self.asked: list[list[str]] = []
 
-    async def landed(self, topics: list[str]) -> dict[tuple[str, int], int]:
+    async def landed(
+        self, topics: list[str], partitions: list[tuple[str, int]] | None = None
+    ) -> dict[tuple[str, int], int]:
         self.asked.append(topics)
-        return {tp: o for tp, o in self._landed.items() if tp[0] in topics}
+        return {
+            tp: o
+            for tp, o in self._landed.items()
+            if tp[0] in topics and (partitions is None or tp in partitions)
+        }
 
     async def present(self, table: str, ranges: Any, bounds: Any) -> set[Coordinates]:
         return {Coordinates(t, p, o) for (t, p), (first, _) in ranges.items() for o in [first]}
