@@ -91,7 +91,7 @@ class Metrics:
         self.views_in_doubt = Counter(
             "sink_views_in_doubt_rows",
             "Rows of an insert with an unknown outcome found landed in the raw table: the "
-            "views (meters) may not have seen them (README, 'Known gap: meters after a 319')",
+            "views (meters) may not have seen them (README, 'Meters after a 319')",
             registry=r,
         )
         self.dedup_bypassed = Counter(
