@@ -15,7 +15,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import pytest
@@ -38,7 +38,9 @@ from tests.integration.history import (
 )
 from tests.integration.workload import landed, wait_landed
 
-LEASE = {"lease_timeout": "4s", "backfill_piece_rows": 20_000, "check_interval": "1s"}
+# A lease renewed every 1.6 s and lost after 6 s without one: the slow link (150 ms a round
+# trip) and a busy machine must not make the migrator give up on its own before the kill.
+LEASE = {"lease_timeout": "8s", "backfill_piece_rows": 20_000, "check_interval": "1s"}
 
 
 async def _scalar(ch: ClickHouse, sql: str) -> int:
@@ -100,6 +102,7 @@ async def test_a_migrator_killed_at_any_point_is_taken_over_and_the_meter_ends_e
     proxies: Callable[[str, str], Proxy],
     services: Any,
     uid: str,
+    tmp_path: Path,
 ) -> None:
     (topic,) = await make_topics(f"om_acme_{uid}", partitions=2)
     assert await _migrate(sink_config(name="old", meters=[CALLS])) == 0
@@ -108,13 +111,15 @@ async def test_a_migrator_killed_at_any_point_is_taken_over_and_the_meter_ends_e
     slow = proxies("clickhouse", host_port(services.clickhouse))
     slow.add("latency", latency=150)
     url = f"{services.clickhouse.rsplit('/', 1)[0]}/{clickhouse_db.database}"
+    migrator_log = (tmp_path / "migrator.log").open("wb")
     migrator = await _start_migrate(
         sink_config(
             name="slow",
             meters=[CALLS, TOKENS],
             clickhouse={"url": via(url, slow)},
             migrations=LEASE,
-        )
+        ),
+        stderr=migrator_log,
     )
     look = probes(clickhouse_db)
     first_epoch = await look["epoch"]()
@@ -123,11 +128,15 @@ async def test_a_migrator_killed_at_any_point_is_taken_over_and_the_meter_ends_e
         state = {name: await probe() for name, probe in look.items()}
         if await _reached(point, state, first_epoch):
             break
-        assert migrator.returncode is None, f"the migrator ended before {point}: {state}"
+        assert migrator.returncode is None, (
+            f"the migrator ended before {point}: {state}",
+            (tmp_path / "migrator.log").read_text()[-3000:],
+        )
         assert time.monotonic() < deadline, f"never saw {point}: {state}"
         await asyncio.sleep(0.02)
     migrator.kill()
     await migrator.wait()
+    migrator_log.close()
     killed = time.monotonic()
     if point == "during the backfill":
         report = await _check(sink_config(name="check", meters=[CALLS, TOKENS]))
@@ -194,7 +203,7 @@ async def _until_applied(ch: ClickHouse, timeout: float) -> None:
 
 
 async def _start_migrate(
-    config: Path, stderr: int = asyncio.subprocess.DEVNULL
+    config: Path, stderr: int | IO[bytes] = asyncio.subprocess.DEVNULL
 ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
